@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU suite: on a machine with a CUDA GPU, build fuseformer there, run every test
+# (GPU-marked and bf16 included) and the benchmarks, and write the results.
+#
+#   bash benchmarks/gpu_suite.sh [STAGE ...] [--out DIR]
+#
+# Stages (default: all, in this order): info, build, test, bench. Each finishes in well
+# under 10 minutes and can be run alone. Results go to DIR (default
+# benchmarks/results/<gpu-name>/): build.log, info.txt, tests.log, and per benchmark
+# family <family>.json / .md / .png. Commit them with the versions they record.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out=""
+stages=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    info|build|test|bench|all) stages+=("$1"); shift ;;
+    *) echo "gpu_suite: unknown argument '$1' (stages: info build test bench all; --out DIR)" >&2; exit 2 ;;
+  esac
+done
+[ ${#stages[@]} -eq 0 ] && stages=(all)
+[ "${stages[*]}" = "all" ] && stages=(build info test bench)
+
+PY=${PYTHON:-python3}
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else '')" 2>/dev/null)
+if [ -z "$gpu" ]; then
+  echo "gpu_suite: no CUDA device visible to $PY; this suite needs a GPU" >&2
+  exit 2
+fi
+out=${out:-benchmarks/results/$gpu}
+mkdir -p "$out"
+echo "gpu_suite: $gpu, stages: ${stages[*]}, results -> $out"
+status=0
+
+for stage in "${stages[@]}"; do
+  start=$(date +%s)
+  case "$stage" in
+    build)
+      # Non-editable, against the torch already installed there (no network on GPU hosts).
+      MAX_JOBS=$(nproc) CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        $PY -m pip install --no-build-isolation --no-deps -v . >"$out/build.log" 2>&1 \
+        || { echo "gpu_suite: build failed, see $out/build.log"; tail -40 "$out/build.log"; exit 1; }
+      ;;
+    info)
+      (cd /tmp && $PY -m fuseformer.cli info) >"$out/info.txt" 2>&1
+      cat "$out/info.txt"
+      ;;
+    test)
+      # xdist spreads Triton's JIT compiles over the cores; the GPU is shared by the workers.
+      workers=""
+      $PY -c "import xdist" 2>/dev/null && workers="-n 8"
+      timeout 540 $PY -m pytest tests -q -rfEs $workers --durations=20 >"$out/tests.log" 2>&1 || status=1
+      tail -30 "$out/tests.log"
+      ;;
+    bench)
+      timeout 560 $PY -m fuseformer.cli bench --out "$out" || status=1
+      ;;
+  esac
+  echo "gpu_suite: stage $stage took $(( $(date +%s) - start )) s"
+done
+exit $status

@@ -1,0 +1,24 @@
+"""fuseformer: fused Transformer kernels (Triton, C++ CPU, CUDA) behind PyTorch-shaped APIs.
+
+    import fuseformer
+    y = fuseformer.ops.layer_norm(x, (4096,), w, b)      # like F.layer_norm
+    norm = fuseformer.nn.RMSNorm(4096)                    # like torch.nn.RMSNorm
+    with fuseformer.use_backend("triton"): ...            # force a backend
+    fuseformer.info()                                     # what runs here
+"""
+
+from fuseformer import backends, nn, ops
+from fuseformer._info import info
+from fuseformer.backends import BackendUnavailableError, available_backends, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "backends",
+    "info",
+    "nn",
+    "ops",
+    "use_backend",
+]

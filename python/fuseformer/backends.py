@@ -1,0 +1,161 @@
+"""Which backend runs each op: what exists here, the defaults, and the overrides.
+
+Backends:
+  "torch"   the PyTorch reference (plain PyTorch ops; the ground truth of the tests)
+  "triton"  Triton kernels (kernels/): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  "cpu"     C++ CPU kernels of the extension (csrc/cpu/)
+  "cuda"    C++ CUDA kernels of the extension (csrc/cuda/)
+
+Forcing: ``with fuseformer.use_backend("triton"): ...`` or ``FUSEFORMER_BACKEND=triton`` (read
+when fuseformer is imported). A forced backend that cannot run here raises
+``BackendUnavailableError``; it never falls back. Without forcing, each op family takes the
+first available backend of its default list for the tensor's device (``DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+from fuseformer import _extension
+
+BACKENDS = ("torch", "triton", "cpu", "cuda")
+
+# Preference per op family and device type, fastest measured first. Each list ends with
+# "torch", which is always available.
+DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
+    # GPU: benchmarks/results/<gpu>/norms.md: Triton beats torch eager and torch.compile,
+    # the CUDA C++ kernel is the fallback where Triton is missing.
+    # CPU: benchmarks/results/cpu/norms.md: the C++ kernels beat torch eager.
+    "norms": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced (use_backend / FUSEFORMER_BACKEND) that cannot run here."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        from fuseformer import kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or triton failing to find a driver
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def why_unavailable(backend: str, device_type: str) -> str | None:
+    """None if ``backend`` can run ops on tensors of ``device_type``, else the reason."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if (err := _triton_import_error()) is not None:
+            return f"Triton cannot be imported ({err})"
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device is available"
+        if device_type == "cpu":
+            return (
+                None
+                if triton_interpreting()
+                else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+            )
+        return f"Triton does not run on {device_type} tensors"
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the C++ CPU kernels take CPU tensors, not {device_type} tensors"
+        if not _extension.loaded():
+            return f"the C++ extension fuseformer._C is not loaded ({_extension.LOAD_ERROR})"
+        return None
+    # backend == "cuda"
+    if device_type != "cuda":
+        return f"the C++ CUDA kernels take CUDA tensors, not {device_type} tensors"
+    if not _extension.loaded():
+        return f"the C++ extension fuseformer._C is not loaded ({_extension.LOAD_ERROR})"
+    if not _extension.has_kernel("norm_fwd", "CUDA"):
+        return "fuseformer was built without CUDA kernels (torch without CUDA, or nvcc not found)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Backends that can run here: on ``device_type`` tensors, or on any device if None."""
+    devices = [device_type] if device_type else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(why_unavailable(b, d) is None for d in devices)]
+
+
+# ---- forcing -----------------------------------------------------------------------------
+
+_forced: list[str] = []  # use_backend stack (innermost last)
+
+
+def _check_name(name: str, source: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    if not available_backends() or name not in available_backends():
+        reasons = "; ".join(
+            f"{d}: {why_unavailable(name, d)}"
+            for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        )
+        raise BackendUnavailableError(f"{source}: backend {name!r} is not available here ({reasons})")
+    return name
+
+
+_env_backend: str | None = None
+if os.environ.get("FUSEFORMER_BACKEND"):
+    _env_backend = _check_name(os.environ["FUSEFORMER_BACKEND"], "FUSEFORMER_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every fuseformer op inside the block to run on backend ``name``.
+
+    Raises ValueError for an unknown name and BackendUnavailableError for a backend that
+    cannot run on this machine; an op on tensors the backend cannot take (say "cpu" with CUDA
+    tensors) raises BackendUnavailableError when it is called.
+    """
+    _forced.append(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def forced_backend() -> str | None:
+    if _forced:
+        return _forced[-1]
+    return _env_backend
+
+
+def default_backend(family: str, device_type: str) -> str:
+    """The backend an op family takes on ``device_type`` when nothing is forced."""
+    for backend in DEFAULTS[family].get(device_type, ("torch",)):
+        if why_unavailable(backend, device_type) is None:
+            return backend
+    return "torch"
+
+
+def resolve(family: str, device: torch.device) -> str:
+    """The backend that runs ``family`` on tensors of ``device`` now."""
+    forced = forced_backend()
+    if forced is None:
+        return default_backend(family, device.type)
+    reason = why_unavailable(forced, device.type)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"fuseformer {family}: backend {forced!r} was forced but cannot run on "
+            f"{device.type} tensors: {reason}"
+        )
+    return forced

@@ -1,0 +1,73 @@
+"""The ``fuseformer`` console command.
+
+    fuseformer info                               versions, backends, defaults
+    fuseformer bench [family ...] [--quick] [--out DIR] [--device cpu|cuda] [--dtype ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from fuseformer.bench import FAMILIES, family_module, harness
+
+    families = args.families or list(FAMILIES)
+    for name in families:
+        if name not in FAMILIES:
+            print(f"fuseformer bench: unknown family {name!r}; expected one of {', '.join(FAMILIES)}", file=sys.stderr)
+            return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fuseformer bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    dtype = DTYPES[dtype_name]
+    out_dir = Path(args.out)
+    env = harness.environment(device)
+    print(f"fuseformer bench on {env['device_name']} ({device}, {dtype_name}); results -> {out_dir}/")
+    ceilings = harness.measure_ceilings(device, args.quick)
+    print(f"measured ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
+          f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_TFLOPs']:.1f} TFLOP/s")
+    for name in families:
+        module = family_module(name)
+        cases = list(module.cases(device, dtype, args.quick))
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"{name}", total=len(cases))
+            rows = harness.run_cases(cases, device, args.quick, ceilings, lambda: progress.advance(task))
+        title = f"fuseformer {name} on {env['device_name']} ({dtype_name})"
+        harness.print_table(rows, title)
+        paths = harness.write_results(out_dir, name, rows, env, ceilings, title)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fuseformer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions, available backends and defaults")
+    bench = sub.add_parser("bench", help="benchmark op families against PyTorch eager and torch.compile")
+    bench.add_argument("families", nargs="*", help="op families (default: all)")
+    bench.add_argument("--quick", action="store_true", help="small shapes, short timing: a smoke run")
+    bench.add_argument("--out", default="bench-out", help="folder for JSON, markdown and PNG results")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
+    bench.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        import fuseformer
+
+        fuseformer.info()
+        return 0
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

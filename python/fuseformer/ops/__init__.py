@@ -1,0 +1,10 @@
+"""fuseformer.ops: functions that mirror their PyTorch counterparts and run fused kernels.
+
+Each function validates its arguments, picks a backend (``fuseformer.backends``) and calls a
+registered custom op (``torch.ops.fuseformer.*``), so it works under autograd and
+``torch.compile(fullgraph=True)``.
+"""
+
+from fuseformer.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]

@@ -1,0 +1,31 @@
+"""Test setup: run Triton kernels in the interpreter when there is no GPU (set before any
+Triton kernel is defined), and give every test its own seed."""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh inputs per test, reproducible from the test id.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poison_outputs():
+    """Uninitialized memory (torch.empty / at::empty, Python and C++) is filled with NaN, so
+    an output element a kernel forgot to write fails the comparison."""
+    import torch.utils.deterministic as det
+
+    previous = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    det.fill_uninitialized_memory = previous[1]
