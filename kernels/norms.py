@@ -4,7 +4,9 @@ Tiling: one program per row. Rows up to ``SINGLE_TILE_LIMIT`` elements are held 
 registers as one tile, so each element is read once; longer rows are streamed in
 ``CHUNK``-wide tiles in three passes (sum, centered sum of squares, normalize), the later
 passes re-reading the row from L2. Statistics are accumulated in float32 and the variance is
-taken around the mean (two-pass), which avoids the cancellation of E[x^2] - E[x]^2.
+taken around the mean (two-pass), which avoids the cancellation of E[x^2] - E[x]^2. The
+divisions by N round correctly (tl.fdiv ieee): the GPU's default approximate division can
+make x / 1 differ from x, and a one-element row would then normalize to noise.
 
 Backward: a grid of a few programs per SM; each walks a contiguous block of rows, keeps its
 partial dweight/dbias in registers (or in its own row of the partial buffer for streamed
@@ -66,9 +68,9 @@ def _norm_fwd_kernel(
         if IS_RMS:
             xc = x
         else:
-            mean = tl.sum(x, axis=0) / N
+            mean = tl.fdiv(tl.sum(x, axis=0), N.to(tl.float32), ieee_rounding=True)
             xc = tl.where(mask, x - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        rstd = tl.math.rsqrt(tl.fdiv(tl.sum(xc * xc, axis=0), N.to(tl.float32), ieee_rounding=True) + eps)
         y = xc * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -91,7 +93,7 @@ def _norm_fwd_kernel(
         if IS_RMS:
             mean = 0.0
         else:
-            mean = tl.sum(acc, axis=0) / N
+            mean = tl.fdiv(tl.sum(acc, axis=0), N.to(tl.float32), ieee_rounding=True)
         # Pass 2: the centered sum of squares. The residual sum is recomputed from its
         # inputs rather than read back from RES_OUT, whose writes other threads made.
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -104,7 +106,7 @@ def _norm_fwd_kernel(
                 x = to_output(x + r, RES_OUT.dtype.element_ty, SOFTWARE_BF16).to(tl.float32)
             xc = tl.where(mask, x - mean, 0.0)
             acc += xc * xc
-        rstd = tl.math.rsqrt(tl.sum(acc, axis=0) / N + eps)
+        rstd = tl.math.rsqrt(tl.fdiv(tl.sum(acc, axis=0), N.to(tl.float32), ieee_rounding=True) + eps)
         # Pass 3: normalize.
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -240,17 +242,22 @@ def _norm_bwd_kernel(
 
 
 def _num_warps(block: int) -> int:
-    return min(16, max(1, block // 256))
+    # 16 elements of the row per thread: registers stay under ~100 per thread in backward
+    # (x, dy, w, dw, db tiles), and narrower programs leave more of them resident per SM.
+    return min(16, max(1, block // 512))
 
 
 @functools.lru_cache(maxsize=None)
-def _program_count(device_index: int) -> int:
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _bwd_programs(device: torch.device, rows: int) -> int:
+def _bwd_programs(device: torch.device, rows: int, num_warps: int) -> int:
     if device.type == "cuda":
-        return max(1, min(rows, _program_count(device.index or 0)))
+        # One full wave: as many programs as fit on the SMs at once (2048 threads, at most
+        # 32 blocks per SM). Each walks rows serially, so residency is what hides latency.
+        per_sm = min(32, max(1, 2048 // (32 * num_warps)))
+        return max(1, min(rows, per_sm * _sm_count(device.index or 0)))
     return max(1, min(rows, 4))  # the interpreter: few programs, short runs
 
 
@@ -326,8 +333,9 @@ def norm_bwd(
     dres = grad_residual_out.to(input.dtype).contiguous() if grad_residual_out is not None else None
     rows = x.numel() // n
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    programs = _bwd_programs(input.device, rows)
     block, single = _tile(n, SINGLE_TILE_LIMIT_BWD)
+    num_warps = _num_warps(block)
+    programs = _bwd_programs(input.device, rows, num_warps)
     # Streamed rows accumulate into their partial row, so it starts at zero.
     alloc = torch.empty if single else torch.zeros
     dw_part = alloc((programs, n), dtype=torch.float32, device=input.device) if weight is not None else None
@@ -354,7 +362,7 @@ def norm_bwd(
             BLOCK_N=block,
             SINGLE_TILE=single,
             SOFTWARE_BF16=software_bf16(),
-            num_warps=_num_warps(block),
+            num_warps=num_warps,
         )
     elif dw_part is not None or db_part is not None:
         dw_part = dw_part.zero_() if dw_part is not None else None

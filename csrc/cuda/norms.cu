@@ -13,7 +13,8 @@
 namespace fuseformer::cuda {
 namespace {
 
-constexpr int kCache = 4;  // vectors per thread kept in registers
+constexpr int kCache = 4;        // vectors per thread kept in registers
+constexpr int kMaxThreads = 512;  // with __launch_bounds__: up to 128 registers per thread
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Packed {
@@ -73,7 +74,7 @@ __device__ __forceinline__ void for_each_vec(int64_t nvec, F&& f) {
 }
 
 template <typename T, typename W, int VEC, bool CACHED>
-__global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                 const W* __restrict__ weight, const W* __restrict__ bias,
                                 T* __restrict__ y, T* __restrict__ residual_out,
                                 float* __restrict__ mean_out, float* __restrict__ rstd_out,
@@ -146,7 +147,7 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
 }
 
 template <typename T, typename W, int VEC, bool CACHED>
-__global__ void norm_bwd_kernel(const T* __restrict__ dy_all, const T* __restrict__ dres_all,
+__global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const T* __restrict__ dy_all, const T* __restrict__ dres_all,
                                 const T* __restrict__ x_all, const W* __restrict__ weight,
                                 const float* __restrict__ mean, const float* __restrict__ rstd,
                                 T* __restrict__ dx_all, float* __restrict__ dw_partial,
@@ -238,9 +239,9 @@ int vector_width(int64_t cols, std::initializer_list<const void*> ptrs) {
 }
 
 int threads_for(int64_t nvec) {
-  // About two vectors per thread, in whole warps, 32..1024 threads.
+  // About two vectors per thread, in whole warps, 32..kMaxThreads threads.
   int64_t t = (nvec + 1) / 2;
-  t = std::min<int64_t>(1024, std::max<int64_t>(32, (t + 31) / 32 * 32));
+  t = std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (t + 31) / 32 * 32));
   return static_cast<int>(t);
 }
 
@@ -337,8 +338,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
   const at::Tensor rstd = rstd_.contiguous();
   at::Tensor grad_input = at::empty_like(input);
 
+  // One full wave of blocks (2048 threads, at most 32 blocks per SM): each block walks
+  // rows serially, so the number resident is what hides memory latency.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(dims.rows, 4LL * sms));
+  const int block_threads = threads_for(dims.cols * input.element_size() / 16);
+  const int64_t per_sm = std::min<int64_t>(32, std::max<int64_t>(1, 2048 / block_threads));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(dims.rows, per_sm * sms));
   auto float_opts = input.options().dtype(at::kFloat);
   // Partial rows are zeroed: the streaming kernel accumulates into them.
   at::Tensor dw_partial = weight.defined() ? at::zeros({blocks, dims.cols}, float_opts) : at::Tensor();

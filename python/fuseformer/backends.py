@@ -54,8 +54,12 @@ def _triton_import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def why_unavailable(backend: str, device_type: str) -> str | None:
-    """None if ``backend`` can run ops on tensors of ``device_type``, else the reason."""
+    """None if ``backend`` can run ops on tensors of ``device_type``, else the reason.
+
+    Cached: what is installed and present does not change while the process runs (set
+    TRITON_INTERPRET before the first call)."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
     if backend == "torch":

@@ -124,14 +124,14 @@ def environment(device: str) -> dict[str, Any]:
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
-    try:
-        here = Path(__file__).resolve().parent
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.getcwd(), timeout=10
-        ).stdout.strip() or None
-        del here
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+    # The GPU suite passes the commit in (a copied tree may have no .git).
+    env["git_commit"] = os.environ.get("FUSEFORMER_GIT_COMMIT")
+    if not env["git_commit"]:
+        try:
+            proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            env["git_commit"] = proc.stdout.strip() if proc.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            env["git_commit"] = None
     env["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return env
 
@@ -208,7 +208,7 @@ def print_table(rows: list[dict], title: str) -> None:
         table.add_column(h, justify="right" if h not in ("op", "pass", "impl", "dtype") else "left")
     for line in body:
         table.add_row(*line)
-    Console().print(table)
+    Console(width=max(140, Console().width)).print(table)
 
 
 def markdown(rows: list[dict], env: dict, ceilings: dict, title: str) -> str:

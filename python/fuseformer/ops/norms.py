@@ -195,7 +195,8 @@ def _norm(
                 f"{input.dtype}; got {list(residual.shape)} and {residual.dtype}"
             )
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        # As PyTorch: the epsilon of the computation type (float32 for half inputs).
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{op}: eps must be a finite non-negative float, got {eps!r}")
 
@@ -261,7 +262,8 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
 ) -> Tensor:
-    """RMSNorm as ``F.rms_norm``; ``eps=None`` means ``torch.finfo(input.dtype).eps``."""
+    """RMSNorm as ``F.rms_norm``; ``eps=None`` is the epsilon of the computation type, as in
+    PyTorch: ``torch.finfo(torch.float32).eps`` for float32/16/bf16 input."""
     return _norm("fuseformer.ops.rms_norm", input, None, normalized_shape, weight, None, eps, True)[0]
 
 
