@@ -39,6 +39,7 @@ def _norm_fwd_kernel(
     MEAN,  # (M,) float32, or dummy for RMSNorm
     RSTD,  # (M,) float32
     N,
+    n_float,  # N as a float: Triton specializes N == 1 to a constant, which has no .to()
     eps,
     IS_RMS: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -68,9 +69,9 @@ def _norm_fwd_kernel(
         if IS_RMS:
             xc = x
         else:
-            mean = tl.fdiv(tl.sum(x, axis=0), N.to(tl.float32), ieee_rounding=True)
+            mean = tl.fdiv(tl.sum(x, axis=0), n_float, ieee_rounding=True)
             xc = tl.where(mask, x - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.fdiv(tl.sum(xc * xc, axis=0), N.to(tl.float32), ieee_rounding=True) + eps)
+        rstd = tl.math.rsqrt(tl.fdiv(tl.sum(xc * xc, axis=0), n_float, ieee_rounding=True) + eps)
         y = xc * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -93,7 +94,7 @@ def _norm_fwd_kernel(
         if IS_RMS:
             mean = 0.0
         else:
-            mean = tl.fdiv(tl.sum(acc, axis=0), N.to(tl.float32), ieee_rounding=True)
+            mean = tl.fdiv(tl.sum(acc, axis=0), n_float, ieee_rounding=True)
         # Pass 2: the centered sum of squares. The residual sum is recomputed from its
         # inputs rather than read back from RES_OUT, whose writes other threads made.
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -106,7 +107,7 @@ def _norm_fwd_kernel(
                 x = to_output(x + r, RES_OUT.dtype.element_ty, SOFTWARE_BF16).to(tl.float32)
             xc = tl.where(mask, x - mean, 0.0)
             acc += xc * xc
-        rstd = tl.math.rsqrt(tl.fdiv(tl.sum(acc, axis=0), N.to(tl.float32), ieee_rounding=True) + eps)
+        rstd = tl.math.rsqrt(tl.fdiv(tl.sum(acc, axis=0), n_float, ieee_rounding=True) + eps)
         # Pass 3: normalize.
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -241,9 +242,14 @@ def _norm_bwd_kernel(
 # ---- launchers ----------------------------------------------------------------------------
 
 
-def _num_warps(block: int) -> int:
-    # 16 elements of the row per thread: registers stay under ~100 per thread in backward
-    # (x, dy, w, dw, db tiles), and narrower programs leave more of them resident per SM.
+def _fwd_num_warps(block: int) -> int:
+    # 8 elements per thread (H100, bf16, benchmarks/results/NVIDIA-H100-80GB-HBM3: 16
+    # elements per thread lost 25% at N=4096).
+    return min(16, max(1, block // 256))
+
+
+def _bwd_num_warps(block: int) -> int:
+    # 16 elements of the row per thread: the x, dy, w, dw and db tiles stay in registers.
     return min(16, max(1, block // 512))
 
 
@@ -275,8 +281,10 @@ def norm_fwd(
     bias: torch.Tensor | None,
     eps: float,
     rms: bool,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as the C++ op ``fuseformer::norm_fwd`` (see csrc/registration.cpp)."""
+    """Same contract as the C++ op ``fuseformer::norm_fwd`` (see csrc/registration.cpp).
+    ``num_warps`` overrides the tuning heuristic (for sweeps)."""
     n = input.shape[-1]
     x = input.contiguous()
     stats_shape = input.shape[:-1]
@@ -303,6 +311,7 @@ def norm_fwd(
         mean if not rms else rstd,
         rstd,
         n,
+        float(n),
         eps,
         IS_RMS=rms,
         HAS_RES=residual is not None,
@@ -311,7 +320,7 @@ def norm_fwd(
         BLOCK_N=block,
         SINGLE_TILE=single,
         SOFTWARE_BF16=software_bf16(),
-        num_warps=_num_warps(block),
+        num_warps=num_warps or _fwd_num_warps(block),
     )
     return out, residual_out, mean, rstd
 
@@ -325,8 +334,11 @@ def norm_bwd(
     rstd: torch.Tensor,
     rms: bool,
     has_bias: bool,
+    num_warps: int | None = None,
+    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as the C++ op ``fuseformer::norm_bwd`` (see csrc/registration.cpp)."""
+    """Same contract as the C++ op ``fuseformer::norm_bwd`` (see csrc/registration.cpp).
+    ``num_warps`` and ``programs`` override the tuning heuristics (for sweeps)."""
     n = input.shape[-1]
     x = input.contiguous()
     dy = grad_out.to(input.dtype).contiguous()
@@ -334,8 +346,8 @@ def norm_bwd(
     rows = x.numel() // n
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     block, single = _tile(n, SINGLE_TILE_LIMIT_BWD)
-    num_warps = _num_warps(block)
-    programs = _bwd_programs(input.device, rows, num_warps)
+    num_warps = num_warps or _bwd_num_warps(block)
+    programs = min(max(1, rows), programs) if programs else _bwd_programs(input.device, rows, num_warps)
     # Streamed rows accumulate into their partial row, so it starts at zero.
     alloc = torch.empty if single else torch.zeros
     dw_part = alloc((programs, n), dtype=torch.float32, device=input.device) if weight is not None else None
