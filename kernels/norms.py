@@ -140,6 +140,7 @@ def _norm_bwd_kernel(
     DB_PART,  # (programs, N) float32 partial dbias, or dummy
     M,
     N,
+    n_float,
     rows_per_program,
     IS_RMS: tl.constexpr,
     HAS_DRES: tl.constexpr,
@@ -175,9 +176,9 @@ def _norm_bwd_kernel(
                     wdy = w * dy
                 else:
                     wdy = dy
-                dx = wdy - xhat * (tl.sum(xhat * wdy, axis=0) / N)
+                dx = wdy - xhat * tl.fdiv(tl.sum(xhat * wdy, axis=0), n_float, ieee_rounding=True)
                 if not IS_RMS:
-                    dx -= tl.sum(wdy, axis=0) / N
+                    dx -= tl.fdiv(tl.sum(wdy, axis=0), n_float, ieee_rounding=True)
                 dx *= rstd
                 if HAS_DRES:
                     dx += tl.load(DRES + offs + cols, mask=mask, other=0.0).to(tl.float32)
@@ -211,11 +212,11 @@ def _norm_bwd_kernel(
                         dy = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                     dot_acc += xhat * dy
                     sum_acc += dy
-                dot_mean = tl.sum(dot_acc, axis=0) / N
+                dot_mean = tl.fdiv(tl.sum(dot_acc, axis=0), n_float, ieee_rounding=True)
                 if IS_RMS:
                     sum_mean = 0.0
                 else:
-                    sum_mean = tl.sum(sum_acc, axis=0) / N
+                    sum_mean = tl.fdiv(tl.sum(sum_acc, axis=0), n_float, ieee_rounding=True)
                 # Pass 2: the input gradient and this program's partial parameter gradients.
                 for start in range(0, N, BLOCK_N):
                     cols = start + tl.arange(0, BLOCK_N)
@@ -242,15 +243,18 @@ def _norm_bwd_kernel(
 # ---- launchers ----------------------------------------------------------------------------
 
 
+# Tuning from benchmarks/results/NVIDIA-H100-80GB-HBM3/sweep.md (LayerNorm, bf16, 16384 rows).
+
+
 def _fwd_num_warps(block: int) -> int:
-    # 8 elements per thread (H100, bf16, benchmarks/results/NVIDIA-H100-80GB-HBM3: 16
-    # elements per thread lost 25% at N=4096).
-    return min(16, max(1, block // 256))
+    # Best forward GB/s: 4 warps up to N=2048, 8 warps from 4096 (16 lost 10-60%).
+    return min(8, max(4, block // 512))
 
 
 def _bwd_num_warps(block: int) -> int:
-    # 16 elements of the row per thread: the x, dy, w, dw and db tiles stay in registers.
-    return min(16, max(1, block // 512))
+    # 16 elements of the row per thread: the x, dy, w, dw and db tiles stay in registers
+    # (fewer warps spill at N >= 4096 and drop to ~100 GB/s).
+    return min(16, max(2, block // 512))
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,11 +262,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _bwd_programs(device: torch.device, rows: int, num_warps: int) -> int:
+def _bwd_programs(device: torch.device, rows: int, block: int) -> int:
     if device.type == "cuda":
-        # One full wave: as many programs as fit on the SMs at once (2048 threads, at most
-        # 32 blocks per SM). Each walks rows serially, so residency is what hides latency.
-        per_sm = min(32, max(1, 2048 // (32 * num_warps)))
+        # Programs per SM that measured best: 8 up to N=2048, 2 at 4096, 1 at 8192. More
+        # programs mean more partial dweight rows to write and sum; fewer, less latency hidden.
+        per_sm = 8 if block <= 2048 else max(1, 8192 // block)
         return max(1, min(rows, per_sm * _sm_count(device.index or 0)))
     return max(1, min(rows, 4))  # the interpreter: few programs, short runs
 
@@ -347,7 +351,7 @@ def norm_bwd(
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     block, single = _tile(n, SINGLE_TILE_LIMIT_BWD)
     num_warps = num_warps or _bwd_num_warps(block)
-    programs = min(max(1, rows), programs) if programs else _bwd_programs(input.device, rows, num_warps)
+    programs = min(max(1, rows), programs) if programs else _bwd_programs(input.device, rows, block)
     # Streamed rows accumulate into their partial row, so it starts at zero.
     alloc = torch.empty if single else torch.zeros
     dw_part = alloc((programs, n), dtype=torch.float32, device=input.device) if weight is not None else None
@@ -366,6 +370,7 @@ def norm_bwd(
             db_part if db_part is not None else rstd,
             rows,
             n,
+            float(n),
             triton.cdiv(rows, programs),
             IS_RMS=rms,
             HAS_DRES=dres is not None,
