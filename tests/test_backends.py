@@ -1,0 +1,96 @@
+"""Backend selection, forcing, errors, info() and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fuseformer
+from fuseformer import backends
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="expected one of torch, triton, cpu, cuda"):
+        with fuseformer.use_backend("tpu"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_forcing_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(fuseformer.BackendUnavailableError, match="'cuda' is not available"):
+        with fuseformer.use_backend("cuda"):
+            pass
+
+
+def test_forced_backend_on_the_wrong_device_raises_at_call():
+    x = torch.randn(2, 8, device="meta")
+    with fuseformer.use_backend("cpu"), pytest.raises(fuseformer.BackendUnavailableError, match="cannot run on meta"):
+        fuseformer.ops.layer_norm(x, (8,))
+
+
+def test_use_backend_nests_and_restores():
+    assert backends.forced_backend() is None
+    with fuseformer.use_backend("torch"):
+        with fuseformer.use_backend("cpu"):
+            assert backends.forced_backend() == "cpu"
+        assert backends.forced_backend() == "torch"
+    assert backends.forced_backend() is None
+
+
+def test_default_falls_back_to_an_available_backend():
+    assert backends.default_backend("norms", "cpu") in backends.available_backends("cpu")
+
+
+def _python(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd="/")
+
+
+def test_environment_variable_forces_a_backend():
+    proc = _python("import fuseformer; print(fuseformer.backends.forced_backend())", FUSEFORMER_BACKEND="torch")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "torch"
+
+
+def test_environment_variable_with_a_bad_name_fails_at_import():
+    proc = _python("import fuseformer", FUSEFORMER_BACKEND="nope")
+    assert proc.returncode != 0
+    assert "FUSEFORMER_BACKEND: expected one of" in proc.stderr
+
+
+def test_info_reports_versions_backends_and_defaults():
+    facts = fuseformer.info(print_out=False)
+    assert facts["torch"] == torch.__version__
+    assert set(facts["backends"]) == set(backends.BACKENDS)
+    assert facts["defaults"]["norms"]["cpu"] in backends.BACKENDS
+
+
+def test_cli_info_runs():
+    proc = subprocess.run([sys.executable, "-m", "fuseformer.cli", "info"], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert "default backend per op family" in proc.stdout
+
+
+def test_cli_bench_quick_writes_json_markdown_and_png(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fuseformer.cli", "bench", "norms", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd="/", timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "norms.json").read_text())
+    impls = {r["impl"] for r in data["results"]}
+    assert {"torch eager", "torch.compile"} <= impls
+    timed = [r for r in data["results"] if r["time_ms"] is not None]
+    assert timed and all(r["time_ms"] > 0 for r in timed)
+    assert (tmp_path / "norms.md").read_text().startswith("# fuseformer norms")
+    assert (tmp_path / "norms.png").stat().st_size > 1000
+
+
+def test_cli_rejects_unknown_family(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fuseformer.cli", "bench", "nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 2
+    assert "unknown family" in proc.stderr
