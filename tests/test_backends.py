@@ -41,7 +41,7 @@ def test_use_backend_nests_and_restores():
 
 
 def test_default_falls_back_to_an_available_backend():
-    assert backends.default_backend("norms", "cpu") in backends.available_backends("cpu")
+    assert backends.default_backend("layer_norm", "cpu") in backends.available_backends("cpu")
 
 
 def _python(code, **env):
@@ -65,13 +65,13 @@ def test_info_reports_versions_backends_and_defaults():
     facts = fuseformer.info(print_out=False)
     assert facts["torch"] == torch.__version__
     assert set(facts["backends"]) == set(backends.BACKENDS)
-    assert facts["defaults"]["norms"]["cpu"] in backends.BACKENDS
+    assert facts["defaults"]["rms_norm"]["cpu"] in backends.BACKENDS
 
 
 def test_cli_info_runs():
     proc = subprocess.run([sys.executable, "-m", "fuseformer.cli", "info"], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
-    assert "default backend per op family" in proc.stdout
+    assert "rms_norm" in proc.stdout and "layer_norm" in proc.stdout
 
 
 def test_cli_bench_quick_writes_json_markdown_and_png(tmp_path):

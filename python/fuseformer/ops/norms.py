@@ -200,7 +200,7 @@ def _norm(
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{op}: eps must be a finite non-negative float, got {eps!r}")
 
-    backend = backends.resolve("norms", input.device)
+    backend = backends.resolve("rms_norm" if rms else "layer_norm", input.device)
     if backend != "torch" and input.dtype == torch.float64:
         # The kernels are for training/inference dtypes; float64 is the reference's.
         if backends.forced_backend() is not None:
