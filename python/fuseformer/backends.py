@@ -57,12 +57,22 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_availability: dict[tuple[str, str], str | None] = {}
+
+
 def why_unavailable(backend: str, device_type: str) -> str | None:
     """None if ``backend`` can run ops on tensors of ``device_type``, else the reason.
 
     Cached: what is installed and present does not change while the process runs (set
-    TRITON_INTERPRET before the first call)."""
+    TRITON_INTERPRET before the first call). A plain dict rather than lru_cache, which
+    torch.compile would trace through with a warning."""
+    key = (backend, device_type)
+    if key not in _availability:
+        _availability[key] = _why_unavailable(backend, device_type)
+    return _availability[key]
+
+
+def _why_unavailable(backend: str, device_type: str) -> str | None:
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
     if backend == "torch":
