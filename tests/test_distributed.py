@@ -26,7 +26,14 @@ batch = torch.load(f"{folder}/batch.pt")
 model(batch.chunk(world)[rank]).square().mean().backward()
 if rank == 0:
     torch.save({n: p.grad for n, p in model.module.named_parameters()}, f"{folder}/grads.pt")
+# Both ranks reach the teardown together: a rank that closes its gloo pairs while the other
+# is still busy can abort the other ("terminate called without an active exception").
+dist.barrier()
 dist.destroy_process_group()
+# Skip C++ static destructors at interpreter exit: a gloo/TCPStore thread torn down there
+# aborts now and then ("terminate called without an active exception"), after the work is done.
+sys.stdout.flush()
+os._exit(0)
 """
 
 
