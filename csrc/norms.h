@@ -48,4 +48,39 @@ inline at::Tensor stats_like(const at::Tensor& input) {
 
 inline at::Tensor empty_marker(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// The forward's checks, shared by both devices; input and residual come back contiguous
+// (residual undefined when absent).
+struct FwdArgs {
+  Dims dims;
+  at::Tensor input;
+  at::Tensor residual;
+};
+
+inline FwdArgs check_fwd_args(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, bool rms) {
+  const Dims dims = check_input(input, "input");
+  check_param(weight, input, dims.cols, "weight");
+  check_param(bias, input, dims.cols, "bias");
+  TORCH_CHECK(!(rms && bias.has_value()), "fuseformer norm: RMSNorm takes no bias");
+  TORCH_CHECK(!(weight.has_value() && bias.has_value()) ||
+                  weight->scalar_type() == bias->scalar_type(),
+              "fuseformer norm: weight and bias must have the same dtype");
+  at::Tensor residual_contiguous;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == input.sizes() && residual->scalar_type() == input.scalar_type(),
+                "fuseformer norm: residual must match input in shape and dtype");
+    residual_contiguous = residual->contiguous();
+  }
+  return {dims, input.contiguous(), residual_contiguous};
+}
+
+// out, residual_out (empty without a residual), mean (empty for RMSNorm), rstd.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_fwd_outputs(
+    const at::Tensor& input, bool has_residual, bool rms) {
+  return {at::empty_like(input), has_residual ? at::empty_like(input) : empty_marker(input),
+          rms ? at::empty({0}, input.options().dtype(at::kFloat)) : stats_like(input),
+          stats_like(input)};
+}
+
 }  // namespace fuseformer::norms

@@ -210,23 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd(
     const at::Tensor& input_, const std::optional<at::Tensor>& residual_,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
     bool rms) {
-  const auto dims = norms::check_input(input_, "input");
-  norms::check_param(weight, input_, dims.cols, "weight");
-  norms::check_param(bias, input_, dims.cols, "bias");
-  TORCH_CHECK(!(rms && bias.has_value()), "fuseformer norm: RMSNorm takes no bias");
-  const at::Tensor input = input_.contiguous();
-  at::Tensor residual;
-  if (residual_.has_value()) {
-    TORCH_CHECK(residual_->sizes() == input_.sizes() &&
-                    residual_->scalar_type() == input_.scalar_type(),
-                "fuseformer norm: residual must match input in shape and dtype");
-    residual = residual_->contiguous();
-  }
-  at::Tensor out = at::empty_like(input);
-  at::Tensor residual_out =
-      residual.defined() ? at::empty_like(input) : norms::empty_marker(input);
-  at::Tensor mean = rms ? norms::empty_marker(input).to(at::kFloat) : norms::stats_like(input);
-  at::Tensor rstd = norms::stats_like(input);
+  const auto [dims, input, residual] = norms::check_fwd_args(input_, residual_, weight, bias, rms);
+  auto [out, residual_out, mean, rstd] = norms::allocate_fwd_outputs(input, residual.defined(), rms);
   const auto w = param_as_float(weight);
   const auto b = param_as_float(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "norm_fwd", [&] {

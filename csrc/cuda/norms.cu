@@ -274,28 +274,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd(
     const at::Tensor& input_, const std::optional<at::Tensor>& residual_,
     const std::optional<at::Tensor>& weight_, const std::optional<at::Tensor>& bias_,
     double eps, bool rms) {
-  const auto dims = norms::check_input(input_, "input");
-  norms::check_param(weight_, input_, dims.cols, "weight");
-  norms::check_param(bias_, input_, dims.cols, "bias");
-  TORCH_CHECK(!(rms && bias_.has_value()), "fuseformer norm: RMSNorm takes no bias");
-  TORCH_CHECK(!(weight_.has_value() && bias_.has_value()) ||
-                  weight_->scalar_type() == bias_->scalar_type(),
-              "fuseformer norm: weight and bias must have the same dtype");
   const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous();
-  at::Tensor residual;
-  if (residual_.has_value()) {
-    TORCH_CHECK(residual_->sizes() == input_.sizes() &&
-                    residual_->scalar_type() == input_.scalar_type(),
-                "fuseformer norm: residual must match input in shape and dtype");
-    residual = residual_->contiguous();
-  }
+  const auto [dims, input, residual] = norms::check_fwd_args(input_, residual_, weight_, bias_, rms);
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(input);
-  at::Tensor residual_out = residual.defined() ? at::empty_like(input) : norms::empty_marker(input);
-  at::Tensor mean = rms ? norms::empty_marker(input).to(at::kFloat) : norms::stats_like(input);
-  at::Tensor rstd = norms::stats_like(input);
+  auto [out, residual_out, mean, rstd] = norms::allocate_fwd_outputs(input, residual.defined(), rms);
   if (dims.rows == 0) return {out, residual_out, mean, rstd};
 
   std::optional<at::ScalarType> param_type;

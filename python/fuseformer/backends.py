@@ -107,9 +107,13 @@ def _why_unavailable(backend: str, device_type: str) -> str | None:
     return None
 
 
+def _devices_here() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def available_backends(device_type: str | None = None) -> list[str]:
     """Backends that can run here: on ``device_type`` tensors, or on any device if None."""
-    devices = [device_type] if device_type else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [device_type] if device_type else _devices_here()
     return [b for b in BACKENDS if any(why_unavailable(b, d) is None for d in devices)]
 
 
@@ -121,11 +125,8 @@ _forced: list[str] = []  # use_backend stack (innermost last)
 def _check_name(name: str, source: str) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
-    if not available_backends() or name not in available_backends():
-        reasons = "; ".join(
-            f"{d}: {why_unavailable(name, d)}"
-            for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        )
+    if name not in available_backends():
+        reasons = "; ".join(f"{d}: {why_unavailable(name, d)}" for d in _devices_here())
         raise BackendUnavailableError(f"{source}: backend {name!r} is not available here ({reasons})")
     return name
 
