@@ -35,6 +35,9 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # LayerNorm is not faster than eager's (0.5-1.1x), so eager stays the CPU default.
     "layer_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)},
     "rms_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
+    # Attention: the Triton flash kernels on CUDA (not yet measured on a GPU); on CPU the
+    # "torch" backend (PyTorch's SDPA where it applies) until the C++ CPU kernels land.
+    "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 
 
