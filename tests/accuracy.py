@@ -38,14 +38,16 @@ def assert_matches_reference(
     )
 
 
-def kernel_backends(device_type: str = "cpu") -> list[str]:
-    """Every non-reference backend that can run on ``device_type`` here."""
-    return [b for b in backends.available_backends(device_type) if b != "torch"]
+def kernel_backends(device_type: str = "cpu", family: str = "layer_norm") -> list[str]:
+    """Every non-reference backend that implements ``family`` and can run on ``device_type`` here."""
+    return [
+        b for b in backends.available_backends(device_type) if b != "torch" and b in backends.IMPLEMENTED[family]
+    ]
 
 
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_device_pairs() -> list[tuple[str, str]]:
-    return [(b, d) for d in devices() for b in kernel_backends(d)]
+def backend_device_pairs(family: str = "layer_norm") -> list[tuple[str, str]]:
+    return [(b, d) for d in devices() for b in kernel_backends(d, family)]

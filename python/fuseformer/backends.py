@@ -41,6 +41,14 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# The backends that implement each op family ("torch" implements all of them).
+IMPLEMENTED: dict[str, tuple[str, ...]] = {
+    "layer_norm": BACKENDS,
+    "rms_norm": BACKENDS,
+    "attention": ("torch", "triton"),
+}
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend was forced (use_backend / FUSEFORMER_BACKEND) that cannot run here."""
 
@@ -173,6 +181,11 @@ def resolve(family: str, device: torch.device) -> str:
     forced = forced_backend()
     if forced is None:
         return default_backend(family, device.type)
+    if forced not in IMPLEMENTED[family]:
+        raise BackendUnavailableError(
+            f"fuseformer {family}: backend {forced!r} was forced but has no {family} kernels; "
+            f"{family} runs on {', '.join(repr(b) for b in IMPLEMENTED[family])}"
+        )
     reason = why_unavailable(forced, device.type)
     if reason is not None:
         raise BackendUnavailableError(

@@ -21,9 +21,9 @@ def float_dtype(t: torch.Tensor, name: str, op: str, allowed=FLOAT_DTYPES) -> No
         raise TypeError(f"{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
 
 
-def same_device(t: torch.Tensor, name: str, ref: torch.Tensor, op: str) -> None:
+def same_device(t: torch.Tensor, name: str, ref: torch.Tensor, op: str, ref_name: str = "input") -> None:
     if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but input is on {ref.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device} (one device expected)")
 
 
 def shape_tuple(shape: int | Iterable[int] | torch.Size, name: str, op: str) -> tuple[int, ...]:

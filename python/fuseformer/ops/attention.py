@@ -270,7 +270,7 @@ def _check_qkv(op, q, k, v, rank, layout):
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{op}: q, k and v must share a dtype; q is {q.dtype}, {name} is {t.dtype}")
-        _checks.same_device(t, name, q, op)
+        _checks.same_device(t, name, q, op, "q")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{op}: q and k must have the same head dim; got {q.shape[-1]} and {k.shape[-1]}")
 
@@ -314,7 +314,7 @@ def _check_options(op, q, heads, batch, dropout_p, scale, window, softcap, alibi
         raise ValueError(f"{op}: softcap must be a positive float or None, got {softcap!r}")
     if alibi_slopes is not None:
         _checks.tensor(alibi_slopes, "alibi_slopes", op)
-        _checks.same_device(alibi_slopes, "alibi_slopes", q, op)
+        _checks.same_device(alibi_slopes, "alibi_slopes", q, op, "q")
         if alibi_slopes.dtype != torch.float32:
             raise TypeError(f"{op}: alibi_slopes must be float32, got {alibi_slopes.dtype}")
         if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
@@ -338,7 +338,7 @@ def _causal_window(is_causal: bool, window: tuple[int, int]) -> tuple[int, int]:
 def _broadcast_mask(op, attn_mask, q, batch, heads, seqlen_q, seqlen_k):
     """attn_mask expanded (without copying) to (B, H, S, L)."""
     _checks.tensor(attn_mask, "attn_mask", op)
-    _checks.same_device(attn_mask, "attn_mask", q, op)
+    _checks.same_device(attn_mask, "attn_mask", q, op, "q")
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in (q.dtype, torch.float32):
         raise TypeError(
             f"{op}: attn_mask must be bool (True = attend) or a float mask of q's dtype ({q.dtype}) "
@@ -472,7 +472,7 @@ def attention_varlen(
     _check_heads(op, q.shape[1], k.shape[1], v.shape[1], True)
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         _checks.tensor(cu, name, op)
-        _checks.same_device(cu, name, q, op)
+        _checks.same_device(cu, name, q, op, "q")
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             raise ValueError(f"{op}: {name} must be a 1-D int32 tensor of B + 1 offsets, got {cu.dtype} {list(cu.shape)}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -569,7 +569,7 @@ def attention_with_kv_cache(
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     _checks.tensor(cache_seqlens, "cache_seqlens", op)
-    _checks.same_device(cache_seqlens, "cache_seqlens", q, op)
+    _checks.same_device(cache_seqlens, "cache_seqlens", q, op, "q")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(
             f"{op}: cache_seqlens must be an int32 tensor of shape ({batch},) or an int, got "
@@ -581,7 +581,7 @@ def attention_with_kv_cache(
     if k_new is not None:
         for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
             _checks.tensor(t, name, op)
-            _checks.same_device(t, name, q, op)
+            _checks.same_device(t, name, q, op, "q")
             if t.dtype != cache.dtype or t.dim() != 4 or t.shape[:2] != cache.shape[:2] or t.shape[3] != cache.shape[3]:
                 raise ValueError(
                     f"{op}: {name} must be (B, H_kv, n, D) = {[batch, kv_heads, 'n', cache.shape[3]]} with "

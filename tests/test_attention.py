@@ -1,0 +1,541 @@
+"""Attention: every backend available here against the float64 math reference, outputs and
+dQ/dK/dV, on awkward shapes, GQA ratios, head dims, masks, windows, softcap, ALiBi, dropout;
+the packed and KV-cache forms; MultiheadAttention as a drop-in; compile; bad input.
+
+The error rule (accuracy.py): a backend's error against float64 is at most twice the error
+of PyTorch's own math path run in the same low precision (``math_attention`` in q's dtype).
+bf16 runs only on CUDA: the Triton interpreter computes bf16 dots wrongly (ENGINEERING.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fuseformer
+from accuracy import assert_matches_reference, backend_device_pairs
+from fuseformer.kernels import attention as attention_kernels
+from fuseformer.ops.attention import _draw_seed, math_attention
+
+PAIRS = backend_device_pairs("attention")
+PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def dtype_cases() -> list:
+    return [
+        pytest.param(b, d, dt, id=f"{b}-{d}-{str(dt).replace('torch.', '')}")
+        for b, d in PAIRS
+        for dt in dtypes_for(d)
+    ]
+
+
+# (B, H, H_kv, S, L, D): size 1, tile remainders, S != L both ways, GQA ratios 1/2/4/8,
+# head dims across 16-256 including 80, 96 and 160.
+SHAPES = [
+    (1, 1, 1, 1, 1, 16),
+    (2, 4, 2, 37, 45, 40),
+    (1, 8, 1, 64, 64, 64),
+    (2, 4, 1, 33, 17, 80),
+    (1, 2, 2, 16, 70, 96),
+    (1, 2, 2, 20, 24, 160),
+    (1, 1, 1, 40, 40, 256),
+    (1, 2, 2, 5, 3, 16),
+]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+
+def variant_kwargs(variant: str, shape, device) -> dict:
+    batch, heads, _, seqlen_q, seqlen_k, _ = shape
+    if variant == "plain":
+        return {}
+    if variant == "causal":
+        return {"is_causal": True}
+    if variant == "causal_lower_right":
+        return {"is_causal": True, "causal_variant": "lower_right"}
+    if variant == "window":
+        return {"window": (6, 3)}
+    if variant == "causal_window":
+        return {"is_causal": True, "window": (9, -1)}
+    if variant == "softcap":
+        return {"softcap": 1.5}
+    if variant == "alibi":
+        return {"alibi_slopes": torch.rand(batch, heads, device=device)}
+    if variant == "bool_mask":
+        mask = torch.rand(batch, 1, seqlen_q, seqlen_k, device=device) > 0.4
+        mask[:, :, 0] = False  # a fully masked row: zeros, never NaN
+        return {"attn_mask": mask}
+    if variant == "float_mask":
+        return {"attn_mask": torch.randn(seqlen_q, seqlen_k, device=device)}
+    if variant == "everything":
+        return {
+            "is_causal": True,
+            "causal_variant": "lower_right",
+            "window": (12, -1),
+            "softcap": 4.0,
+            "alibi_slopes": torch.rand(heads, device=device),
+            "attn_mask": torch.rand(seqlen_q, seqlen_k, device=device) > 0.2,
+        }
+    raise AssertionError(variant)
+
+
+def make_qkv(shape, dtype, device):
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
+    q = torch.randn(batch, heads, seqlen_q, head_dim, device=device).to(dtype)
+    k = torch.randn(batch, kv_heads, seqlen_k, head_dim, device=device).to(dtype)
+    v = torch.randn(batch, kv_heads, seqlen_k, head_dim, device=device).to(dtype)
+    return q, k, v
+
+
+def math_kwargs(kwargs: dict, dtype: torch.dtype, head_dim: int) -> dict:
+    """ops.attention keyword arguments as math_attention's, with masks cast to ``dtype``."""
+    window = kwargs.get("window") or (-1, -1)
+    if kwargs.get("is_causal"):
+        window = (window[0], 0)
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    return dict(
+        attn_mask=mask,
+        scale=kwargs.get("scale") or 1.0 / math.sqrt(head_dim),
+        window=window,
+        softcap=kwargs.get("softcap") or 0.0,
+        alibi_slopes=kwargs.get("alibi_slopes"),
+        lower_right=kwargs.get("causal_variant") == "lower_right",
+    )
+
+
+def grads_of(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def check_attention(backend, q, k, v, kwargs, check_grads=True):
+    """ops.attention on ``backend`` against the float64 math path, outputs, lse and grads."""
+    dtype, head_dim = q.dtype, q.shape[-1]
+    leaves = [t.detach().requires_grad_(check_grads) for t in (q, k, v)]
+    with fuseformer.use_backend(backend):
+        out, lse = fuseformer.ops.attention(*leaves, enable_gqa=True, return_lse=True, **kwargs)
+    leaves64 = [t.detach().double().requires_grad_(check_grads) for t in (q, k, v)]
+    ref, ref_lse = math_attention(*leaves64, **math_kwargs(kwargs, torch.float64, head_dim))
+    leaves_lp = [t.detach().requires_grad_(check_grads) for t in (q, k, v)]
+    lowp, _ = math_attention(*leaves_lp, **math_kwargs(kwargs, dtype, head_dim))
+    assert_matches_reference("out", out, ref, lowp)
+    # lse: -inf exactly where no key is visible, float32-accurate elsewhere.
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=0)
+    if not check_grads:
+        return out
+    grad_out = torch.randn_like(out)
+    got = grads_of(out, leaves, grad_out)
+    want = grads_of(ref, leaves64, grad_out.double())
+    lowp_grads = grads_of(lowp, leaves_lp, grad_out)
+    for name, g, w, lp in zip(("dq", "dk", "dv"), got, want, lowp_grads):
+        assert_matches_reference(name, g, w, lp)
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("variant", ["plain", "causal"])
+@pytest.mark.parametrize("backend,device,dtype", dtype_cases())
+def test_shapes_and_head_dims(poison_outputs, backend, device, dtype, variant, shape):
+    q, k, v = make_qkv(shape, dtype, device)
+    check_attention(backend, q, k, v, variant_kwargs(variant, shape, device))
+
+
+FEATURE_SHAPES = [SHAPES[1], SHAPES[3], (1, 4, 4, 50, 29, 32)]
+
+
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=["x".join(map(str, s)) for s in FEATURE_SHAPES])
+@pytest.mark.parametrize(
+    "variant",
+    ["causal_lower_right", "window", "causal_window", "softcap", "alibi", "bool_mask", "float_mask", "everything"],
+)
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_features(poison_outputs, backend, device, variant, shape):
+    dtype = torch.float16
+    q, k, v = make_qkv(shape, dtype, device)
+    check_attention(backend, q, k, v, variant_kwargs(variant, shape, device))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_fully_masked_rows_are_zero_with_finite_grads(backend, device):
+    shape = (2, 2, 2, 9, 12, 32)
+    q, k, v = make_qkv(shape, torch.float16, device)
+    mask = torch.ones(2, 2, 9, 12, dtype=torch.bool, device=device)
+    mask[0, :, 3] = False
+    mask[1, 1, :] = False  # a whole head sees nothing
+    float_mask = torch.zeros(9, 12, device=device).masked_fill(torch.arange(9, device=device)[:, None] == 4, float("-inf"))
+    for attn_mask, empty_rows in ((mask, ~mask.any(-1)), (float_mask, torch.isneginf(float_mask).all(-1).expand(2, 2, 9))):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with fuseformer.use_backend(backend):
+            out, lse = fuseformer.ops.attention(*leaves, attn_mask=attn_mask, return_lse=True)
+        assert torch.equal(out[empty_rows], torch.zeros_like(out[empty_rows]))
+        assert torch.isneginf(lse[empty_rows]).all() and torch.isfinite(lse[~empty_rows]).all()
+        grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert torch.equal(grads[0][empty_rows], torch.zeros_like(grads[0][empty_rows]))
+    # A window that leaves some rows nothing (left = right = 0, more queries than keys).
+    check_attention(backend, q, k[:, :, :5], v[:, :, :5], {"window": (0, 0)})
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_gradient_through_the_log_sum_exp(backend, device):
+    q, k, v = make_qkv((1, 2, 1, 21, 30, 32), torch.float32, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fuseformer.use_backend(backend):
+        out, lse = fuseformer.ops.attention(*leaves, is_causal=True, enable_gqa=True, return_lse=True)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = math_attention(*leaves64, scale=32**-0.5, window=(-1, 0))
+    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out, lse), leaves, (g_out, g_lse))
+    want = torch.autograd.grad((ref, ref_lse), leaves64, (g_out.double(), g_lse.double()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_non_contiguous_inputs(backend, device):
+    # (B, S, H, D) storage viewed as (B, H, S, D), as after a QKV projection.
+    q = torch.randn(2, 19, 4, 32, device=device).half().transpose(1, 2)
+    k = torch.randn(2, 23, 4, 32, device=device).half().transpose(1, 2)
+    v = torch.randn(2, 23, 4, 64, device=device).half()[..., ::2].transpose(1, 2)  # last-dim stride 2
+    check_attention(backend, q, k, v, {"is_causal": True})
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_empty_sequences(backend, device):
+    q, k, v = make_qkv((2, 2, 2, 0, 5, 16), torch.float16, device)
+    with fuseformer.use_backend(backend):
+        assert fuseformer.ops.attention(q, k, v).shape == (2, 2, 0, 16)
+    q, k, v = make_qkv((2, 2, 2, 4, 0, 16), torch.float16, device)
+    with fuseformer.use_backend(backend):
+        out, lse = fuseformer.ops.attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+# ---- dropout -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_reference_with_the_kernels_mask(backend, device, causal):
+    """Forward and backward use one mask: the kernel's, regenerated from the call's seed."""
+    shape, p = (2, 2, 1, 40, 50, 32), 0.3
+    q, k, v = make_qkv(shape, torch.float16, device)
+    torch.manual_seed(1234)
+    seed = _draw_seed(q.device)
+    keep = attention_kernels.dropout_keep_mask(seed, 2, 2, 40, 50, p)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(1234)
+    with fuseformer.use_backend(backend):
+        out = fuseformer.ops.attention(*leaves, dropout_p=p, is_causal=causal, enable_gqa=True)
+    kwargs = dict(scale=32**-0.5, window=(-1, 0) if causal else (-1, -1), dropout_p=p)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = math_attention(*leaves64, dropout_keep=keep, **kwargs)
+    leaves_lp = [t.detach().requires_grad_() for t in (q, k, v)]
+    lowp, _ = math_attention(*leaves_lp, dropout_keep=keep, **kwargs)
+    assert_matches_reference("out", out, ref, lowp)
+    grad_out = torch.randn_like(out)
+    for name, g, w, lp in zip(
+        ("dq", "dk", "dv"),
+        grads_of(out, leaves, grad_out),
+        grads_of(ref, leaves64, grad_out.double()),
+        grads_of(lowp, leaves_lp, grad_out),
+    ):
+        assert_matches_reference(name, g, w, lp)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_dropout_statistics_and_reproducibility(backend, device):
+    p, shape = 0.25, (2, 3, 64, 96)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=device)
+    keep = attention_kernels.dropout_keep_mask(seed, *shape, p)
+    n = keep.numel()
+    # The kept fraction within 5 binomial standard deviations of 1 - p.
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    # Neighbouring rows, columns and heads are not copies of each other.
+    assert not torch.equal(keep[:, :, 0], keep[:, :, 1])
+    assert not torch.equal(keep[:, 0], keep[:, 1])
+    assert not torch.equal(keep[..., 0], keep[..., 1])
+    q, k, v = make_qkv((1, 2, 2, 30, 30, 16), torch.float16, device)
+    with fuseformer.use_backend(backend):
+        torch.manual_seed(7)
+        a = fuseformer.ops.attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(7)
+        b = fuseformer.ops.attention(q, k, v, dropout_p=0.5)
+        c = fuseformer.ops.attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# ---- packed variable-length sequences -----------------------------------------------------
+
+
+def pack(lengths, heads, head_dim, dtype, device):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return torch.randn(sum(lengths), heads, head_dim, device=device).to(dtype), cu
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"is_causal": True, "causal_variant": "lower_right", "softcap": 3.0}])
+def test_varlen_matches_each_sequence_alone(poison_outputs, backend, device, kwargs):
+    lengths_q, lengths_k, heads, kv_heads, head_dim = [5, 33, 1, 0, 20], [7, 30, 4, 3, 20], 4, 2, 48
+    q, cu_q = pack(lengths_q, heads, head_dim, torch.float16, device)
+    k, cu_k = pack(lengths_k, kv_heads, head_dim, torch.float16, device)
+    v, _ = pack(lengths_k, kv_heads, head_dim, torch.float16, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fuseformer.use_backend(backend):
+        out, lse = fuseformer.ops.attention_varlen(
+            *leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), return_lse=True, **kwargs
+        )
+    assert lse.shape == (heads, q.shape[0])
+    grad_out = torch.randn_like(out)
+    grads = grads_of(out, leaves, grad_out)
+    # Each sequence through the dense op's reference, its rows of the packed results.
+    for b in range(len(lengths_q)):
+        rq, rk = slice(cu_q[b].item(), cu_q[b + 1].item()), slice(cu_k[b].item(), cu_k[b + 1].item())
+        if rq.stop == rq.start:
+            continue
+        dense = [t.transpose(0, 1)[None] for t in (q[rq], k[rk], v[rk])]
+        leaves64 = [t.detach().double().requires_grad_() for t in dense]
+        ref, ref_lse = math_attention(*leaves64, **math_kwargs(kwargs, torch.float64, head_dim))
+        leaves_lp = [t.detach().requires_grad_() for t in dense]
+        lowp, _ = math_attention(*leaves_lp, **math_kwargs(kwargs, torch.float16, head_dim))
+        g = grad_out[rq].transpose(0, 1)[None]
+        assert_matches_reference(f"out[{b}]", out[rq].transpose(0, 1)[None], ref, lowp)
+        fin = torch.isfinite(ref_lse[0])
+        torch.testing.assert_close(lse[:, rq][fin].double(), ref_lse[0][fin], atol=1e-3, rtol=0)
+        want = grads_of(ref, leaves64, g.double())
+        lp = grads_of(lowp, leaves_lp, g)
+        assert_matches_reference(f"dq[{b}]", grads[0][rq].transpose(0, 1)[None], want[0], lp[0])
+        # dk/dv of this sequence's keys (GQA: summed over the group, as in the dense op).
+        assert_matches_reference(f"dk[{b}]", grads[1][rk].transpose(0, 1)[None], want[1], lp[1])
+        assert_matches_reference(f"dv[{b}]", grads[2][rk].transpose(0, 1)[None], want[2], lp[2])
+
+
+# ---- KV-cache decode ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+@pytest.mark.parametrize("n_new", [1, 3])
+def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, device, groups, n_new):
+    batch, kv_heads, max_k, head_dim = 3, 2, 150, 64
+    heads = kv_heads * groups
+    dtype = torch.float16
+    k_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).to(dtype)
+    v_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).to(dtype)
+    q = torch.randn(batch, heads, n_new, head_dim, device=device).to(dtype)
+    k_new = torch.randn(batch, kv_heads, n_new, head_dim, device=device).to(dtype)
+    v_new = torch.randn(batch, kv_heads, n_new, head_dim, device=device).to(dtype)
+    cache_seqlens = torch.tensor([17, 0, max_k - n_new], dtype=torch.int32, device=device)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    for num_splits in (0, 1, 3):
+        k_cache.copy_(k_before)
+        v_cache.copy_(v_before)
+        with fuseformer.use_backend(backend):
+            out, lse = fuseformer.ops.attention_with_kv_cache(
+                q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal=True, num_splits=num_splits, return_lse=True
+            )
+        for b in range(batch):
+            start = cache_seqlens[b].item()
+            stop = start + n_new
+            # The new keys landed in place; the rest of the cache is untouched.
+            assert torch.equal(k_cache[b, :, start:stop], k_new[b]) and torch.equal(v_cache[b, :, start:stop], v_new[b])
+            assert torch.equal(k_cache[b, :, stop:], k_before[b, :, stop:])
+            assert torch.equal(k_cache[b, :, :start], k_before[b, :, :start])
+            # Full attention of the new queries over the valid prefix, lower-right causal.
+            dense = (q[b : b + 1], k_cache[b : b + 1, :, :stop], v_cache[b : b + 1, :, :stop])
+            kw = dict(scale=head_dim**-0.5, window=(-1, 0), lower_right=True)
+            ref, ref_lse = math_attention(*(t.double() for t in dense), **kw)
+            lowp, _ = math_attention(*dense, **kw)
+            assert_matches_reference(f"out[{b}] splits={num_splits}", out[b : b + 1], ref, lowp)
+            torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_decode_features_and_empty_cache(backend, device):
+    batch, heads, kv_heads, max_k, head_dim = 2, 4, 1, 90, 80
+    q = torch.randn(batch, heads, 2, head_dim, device=device).half()
+    k_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).half()
+    v_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).half()
+    slopes = torch.rand(heads, device=device)
+    seqlens = torch.tensor([60, 2], dtype=torch.int32, device=device)
+    kwargs = dict(is_causal=True, window=(20, -1), softcap=5.0, alibi_slopes=slopes)
+    with fuseformer.use_backend(backend):
+        out = fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, seqlens, **kwargs)
+    for b in range(batch):
+        n = seqlens[b].item()
+        dense = (q[b : b + 1], k_cache[b : b + 1, :, :n], v_cache[b : b + 1, :, :n])
+        kw = dict(scale=head_dim**-0.5, window=(20, 0), softcap=5.0, alibi_slopes=slopes, lower_right=True)
+        ref, _ = math_attention(*(t.double() for t in dense), **kw)
+        lowp, _ = math_attention(*dense, **kw)
+        assert_matches_reference(f"out[{b}]", out[b : b + 1], ref, lowp)
+    with fuseformer.use_backend(backend):
+        out, lse = fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, 0, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+# ---- registration, compile, modules --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_opcheck(backend, device):
+    q, k, v = make_qkv((1, 4, 2, 17, 19, 32), torch.float32, device)
+    mask = torch.rand(1, 4, 17, 19, device=device) > 0.3
+    slopes = torch.rand(4, device=device)
+    seed = torch.tensor([5], device=device)
+    fwd = torch.ops.fuseformer.triton_attention_fwd.default
+    for args in (
+        (q, k, v, None, None, None, None, None, 17, 19, 0.2, 0.0, -1, -1, False, 0.0),
+        (q, k, v, mask, slopes, seed, None, None, 17, 19, 0.2, 3.0, 4, 0, True, 0.1),
+    ):
+        leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 4 else a for a in args]
+        torch.library.opcheck(fwd, tuple(leaves))
+    k_cache, v_cache = make_qkv((2, 2, 2, 40, 40, 32), torch.float16, device)[1:]
+    torch.library.opcheck(
+        torch.ops.fuseformer.triton_attention_decode.default,
+        (torch.randn(2, 4, 1, 32, device=device).half(), k_cache, v_cache,
+         torch.tensor([5, 40], dtype=torch.int32, device=device), None, 0.2, 0.0, -1, -1, 2),
+    )
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_compiles_fullgraph(backend, device):
+    q, k, v = make_qkv((1, 2, 2, 24, 24, 32), torch.float16, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def f(q, k, v):
+        return fuseformer.ops.attention(q, k, v, is_causal=True, dropout_p=0.0, window=(8, -1))
+
+    with fuseformer.use_backend(backend):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        out = compiled(*leaves)
+        eager = f(*leaves)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+MHA_CASES = [
+    dict(),
+    dict(batch_first=True),
+    dict(kdim=24, vdim=40),
+    dict(add_bias_kv=True, add_zero_attn=True),
+    dict(bias=False, batch_first=True),
+]
+
+
+@pytest.mark.parametrize("kwargs", MHA_CASES, ids=lambda kw: "-".join(kw) or "default")
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_multihead_attention_is_a_drop_in(backend, device, kwargs, need_weights):
+    embed, heads, batch, seqlen_q, seqlen_k = 64, 4, 3, 11, 13
+    theirs = torch.nn.MultiheadAttention(embed, heads, **kwargs).to(device)
+    ours = fuseformer.nn.MultiheadAttention(embed, heads, **kwargs).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    bf = kwargs.get("batch_first", False)
+
+    def make(seq, dim):
+        return torch.randn((batch, seq, dim) if bf else (seq, batch, dim), device=device, requires_grad=True)
+
+    query, key, value = make(seqlen_q, embed), make(seqlen_k, kwargs.get("kdim", embed)), make(seqlen_k, kwargs.get("vdim", embed))
+    padding = torch.rand(batch, seqlen_k, device=device) < 0.3
+    padding[:, 0] = False
+    attn_mask = torch.randn(seqlen_q, seqlen_k, device=device)
+    with fuseformer.use_backend(backend):
+        out, weights = ours(query, key, value, key_padding_mask=padding, attn_mask=attn_mask, need_weights=need_weights)
+    ref, ref_weights = theirs(query, key, value, key_padding_mask=padding.float().masked_fill(padding, float("-inf")),
+                              attn_mask=attn_mask, need_weights=need_weights)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    if need_weights:
+        torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [query, key, value, *ours.parameters()], grad)
+    want = torch.autograd.grad(ref, [query, key, value, *theirs.parameters()], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_multihead_attention_causal_and_unbatched(backend, device):
+    embed, heads = 64, 2
+    theirs = torch.nn.MultiheadAttention(embed, heads).to(device).eval()
+    ours = fuseformer.nn.MultiheadAttention(embed, heads).to(device).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(9, embed, device=device)  # unbatched (L, E)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9, device=device)
+    with fuseformer.use_backend(backend):
+        out, _ = ours(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
+        out_flag, _ = ours(x, x, x, is_causal=True, need_weights=False)
+    ref, _ = theirs(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out_flag, ref, atol=2e-5, rtol=1e-4)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+
+def _bad_calls(device):
+    q, k, v = make_qkv((2, 4, 2, 8, 8, 32), torch.float16, device)
+    attn = fuseformer.ops.attention
+    return [
+        (lambda: attn(q, k, v), ValueError, "enable_gqa=True"),
+        (lambda: attn(q, k[:, :1].expand(2, 3, 8, 32), v[:, :1].expand(2, 3, 8, 32), enable_gqa=True), ValueError, "multiple"),
+        (lambda: attn(q, k, v.float(), enable_gqa=True), TypeError, "share a dtype"),
+        (lambda: attn(q[0], k, v), ValueError, "4-D"),
+        (lambda: attn(q, k, v, attn_mask=torch.ones(3, 8, 8, dtype=torch.bool, device=device), enable_gqa=True), ValueError, "broadcast"),
+        (lambda: attn(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.int32, device=device), enable_gqa=True), TypeError, "attn_mask"),
+        (lambda: attn(q, k, v, dropout_p=1.0, enable_gqa=True), ValueError, "dropout_p"),
+        (lambda: attn(q, k, v, window=(2,), enable_gqa=True), ValueError, "window"),
+        (lambda: attn(q, k, v, softcap=-1.0, enable_gqa=True), ValueError, "softcap"),
+        (lambda: attn(q, k, v, alibi_slopes=torch.rand(3, device=device), enable_gqa=True), ValueError, "alibi_slopes"),
+        (lambda: attn(q, k, v, causal_variant="diagonal", enable_gqa=True), ValueError, "causal_variant"),
+        (lambda: attn(q, k, v.to("meta"), enable_gqa=True), ValueError, "device"),
+        (lambda: attn(q[..., :8], k[..., :8], v[..., :8], enable_gqa=True), ValueError, "head dims 16 to 256"),
+        (lambda: fuseformer.ops.attention_with_kv_cache(q, k, v, 7, k[:, :, :2], v[:, :, :2]), ValueError, "cache_seqlens"),
+        (lambda: fuseformer.ops.attention_with_kv_cache(q, k, v, 3, k[:, :, :2]), ValueError, "k_new and v_new"),
+        (lambda: fuseformer.ops.attention_varlen(q[0], k[0], v[0], torch.tensor([0, 4], device=device),
+                                                 torch.tensor([0, 8], dtype=torch.int32, device=device), 4, 8),
+         ValueError, "cu_seqlens_q"),
+        (lambda: fuseformer.ops.attention_varlen(q[0, :, :4].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                                 torch.tensor([0, 9], dtype=torch.int32, device=device),
+                                                 torch.tensor([0, 8], dtype=torch.int32, device=device), 9, 8),
+         ValueError, "end at most"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(17))
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_bad_input_is_a_clear_error(backend, device, case):
+    call, error, match = _bad_calls(device)[case]
+    with fuseformer.use_backend(backend), pytest.raises(error, match=match):
+        call()
+
+
+def test_forcing_a_backend_without_attention_kernels_is_a_clear_error():
+    q, k, v = make_qkv((1, 1, 1, 4, 4, 16), torch.float32, "cpu")
+    if "cpu" not in fuseformer.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built here")
+    with fuseformer.use_backend("cpu"), pytest.raises(fuseformer.BackendUnavailableError, match="no attention kernels"):
+        fuseformer.ops.attention(q, k, v)
+
+
+def test_reference_backend_matches_sdpa_math():
+    q, k, v = make_qkv((2, 4, 2, 10, 13, 16), torch.float64, "cpu")
+    mask = torch.rand(10, 13) > 0.3
+    mask[:, 0] = True
+    with fuseformer.use_backend("torch"):
+        out = fuseformer.ops.attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        causal = fuseformer.ops.attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(causal, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
