@@ -19,4 +19,22 @@ TORCH_LIBRARY(fuseformer, m) {
       "norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor input, Tensor? weight, "
       "Tensor mean, Tensor rstd, bool rms, bool has_bias) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- attention: softmax(scale * q k^T + bias) v, float32, on (B, H, S, D) tensors ----
+  // k, v: (B, H_kv, L, D), H a multiple of H_kv (GQA). mask: float32 (B, H, S, L) view
+  // (broadcast strides allowed), added to the scores. alibi_slopes: (H,) or (B, H).
+  // seqlens_k: per-batch key counts (keys past them are invisible). Query row i sits at key
+  // position i (+ seqlens_k[b] - S when lower_right); window_left / window_right bound the
+  // visible keys around it (-1: unbounded; causal is window_right = 0); softcap 0 = none.
+  // lse: float32 (B, H, S), -inf where a row sees no key (its output is zero).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, "
+      "Tensor? seqlens_k, float scale, float softcap, int window_left, int window_right, "
+      "bool lower_right) -> (Tensor out, Tensor lse)");
+  // grad_lse (optional): the gradient reaching lse. Returns gradients shaped like q, k, v.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? mask, Tensor? alibi_slopes, Tensor? seqlens_k, float scale, "
+      "float softcap, int window_left, int window_right, bool lower_right) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -21,6 +21,10 @@ from fuseformer.ops.attention import _draw_seed, math_attention
 
 PAIRS = backend_device_pairs("attention")
 PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
+# Backends that draw dropout with the kernels' Philox stream (the C++ CPU backend runs
+# dropout through PyTorch's math path instead).
+TRITON_PAIRS = [(b, d) for b, d in PAIRS if b == "triton"]
+TRITON_IDS = [f"{b}-{d}" for b, d in TRITON_PAIRS]
 
 
 def dtypes_for(device: str) -> list[torch.dtype]:
@@ -223,7 +227,7 @@ def test_empty_sequences(backend, device):
 # ---- dropout -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("backend,device", TRITON_PAIRS, ids=TRITON_IDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_matches_reference_with_the_kernels_mask(backend, device, causal):
     """Forward and backward use one mask: the kernel's, regenerated from the call's seed."""
@@ -252,7 +256,7 @@ def test_dropout_matches_reference_with_the_kernels_mask(backend, device, causal
         assert_matches_reference(name, g, w, lp)
 
 
-@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("backend,device", TRITON_PAIRS, ids=TRITON_IDS)
 def test_dropout_statistics_and_reproducibility(backend, device):
     p, shape = 0.25, (2, 3, 64, 96)
     seed = torch.tensor([987654321], dtype=torch.int64, device=device)
@@ -500,7 +504,7 @@ def _bad_calls(device):
         (lambda: attn(q, k, v, alibi_slopes=torch.rand(3, device=device), enable_gqa=True), ValueError, "alibi_slopes"),
         (lambda: attn(q, k, v, causal_variant="diagonal", enable_gqa=True), ValueError, "causal_variant"),
         (lambda: attn(q, k, v.to("meta"), enable_gqa=True), ValueError, "device"),
-        (lambda: attn(q[..., :8], k[..., :8], v[..., :8], enable_gqa=True), ValueError, "head dims 16 to 256"),
+        (lambda: attn(q, k, v[..., :16], enable_gqa=True), ValueError, "v's head dim"),
         (lambda: fuseformer.ops.attention_with_kv_cache(q, k, v, 7, k[:, :, :2], v[:, :, :2]), ValueError, "cache_seqlens"),
         (lambda: fuseformer.ops.attention_with_kv_cache(q, k, v, 3, k[:, :, :2]), ValueError, "k_new and v_new"),
         (lambda: fuseformer.ops.attention_varlen(q[0], k[0], v[0], torch.tensor([0, 4], device=device),
@@ -521,12 +525,24 @@ def test_bad_input_is_a_clear_error(backend, device, case):
         call()
 
 
-def test_forcing_a_backend_without_attention_kernels_is_a_clear_error():
-    q, k, v = make_qkv((1, 1, 1, 4, 4, 16), torch.float32, "cpu")
-    if "cpu" not in fuseformer.available_backends("cpu"):
-        pytest.skip("the C++ extension is not built here")
-    with fuseformer.use_backend("cpu"), pytest.raises(fuseformer.BackendUnavailableError, match="no attention kernels"):
+@pytest.mark.parametrize("backend,device", TRITON_PAIRS, ids=TRITON_IDS)
+def test_head_dims_outside_the_triton_range_are_a_clear_error(backend, device):
+    q, k, v = make_qkv((1, 2, 2, 8, 8, 8), torch.float16, device)
+    with fuseformer.use_backend(backend), pytest.raises(ValueError, match="head dims 16 to 256"):
         fuseformer.ops.attention(q, k, v)
+    # Not forced, the call runs on the reference path.
+    ref, _ = math_attention(q.double(), k.double(), v.double(), scale=8**-0.5)
+    torch.testing.assert_close(fuseformer.ops.attention(q, k, v).double(), ref, atol=2e-3, rtol=0)
+
+
+def test_forcing_a_backend_without_the_ops_kernels_is_a_clear_error(monkeypatch):
+    q, k, v = make_qkv((1, 1, 1, 4, 4, 16), torch.float32, "cpu")
+    monkeypatch.setitem(fuseformer.backends.IMPLEMENTED, "attention", ("torch",))
+    with fuseformer.use_backend("torch"):
+        fuseformer.ops.attention(q, k, v)
+    if "cpu" in fuseformer.available_backends("cpu"):
+        with fuseformer.use_backend("cpu"), pytest.raises(fuseformer.BackendUnavailableError, match="no attention kernels"):
+            fuseformer.ops.attention(q, k, v)
 
 
 def test_reference_backend_matches_sdpa_math():

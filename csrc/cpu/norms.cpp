@@ -10,15 +10,10 @@
 #include <vector>
 
 #include "norms.h"
+#include "vectorize.h"
 
 namespace fuseformer::cpu {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FF_VECTORIZE __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FF_VECTORIZE
-#endif
 
 // ---- float-only row loops (vectorized) ---------------------------------------------------
 // Sums run over blocks of kSumBlock floats (vector lanes, float) and add the block sums in

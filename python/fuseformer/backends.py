@@ -45,7 +45,7 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "layer_norm": BACKENDS,
     "rms_norm": BACKENDS,
-    "attention": ("torch", "triton"),
+    "attention": ("torch", "triton", "cpu"),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("norms",)
+FAMILIES = ("norms", "attention")
 
 
 def family_module(name: str):

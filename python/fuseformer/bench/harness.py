@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+# Baselines every family names the same way (the table has a column for each); any other
+# implementation whose name does not start with "fuseformer" is a baseline too.
 BASELINES = ("torch eager", "torch.compile")
 
 
@@ -37,7 +39,7 @@ class Case:
     direction: str  # "fwd" or "fwd+bwd"
     shape: tuple[int, ...]
     dtype: torch.dtype
-    impls: dict[str, Callable[[], Any]]  # name -> callable; baselines use BASELINES names
+    impls: dict[str, Callable[[], Any]]  # name -> callable; ours start with "fuseformer"
     bytes: float = 0.0  # moved by an ideal kernel (each input read once, each output written once)
     flops: float = 0.0
 
@@ -139,16 +141,37 @@ def environment(device: str) -> dict[str, Any]:
 # ---- running ------------------------------------------------------------------------------
 
 
+def _is_ours(impl: str) -> bool:
+    return impl.startswith("fuseformer")
+
+
+def _peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
+    """Extra device memory one call allocates at its peak (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[str, float], progress=None) -> list[dict]:
+    """Time every implementation of every case. Each row carries its speedup over each
+    baseline of the case (every implementation that is not fuseformer's)."""
     rows: list[dict] = []
     for case in cases:
         times: dict[str, float] = {}
+        memory: dict[str, float | None] = {}
         errors: dict[str, str] = {}
         for name, fn in case.impls.items():
             try:
                 times[name] = time_ms(fn, device, quick)
+                memory[name] = _peak_memory_mib(fn, device)
             except Exception as exc:  # a baseline that cannot run here (e.g. no compiler)
-                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        baselines = [n for n in case.impls if not _is_ours(n) and n in times]
         for name in case.impls:
             row = {
                 "family": case.family,
@@ -158,6 +181,7 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
                 "dtype": dtype_name(case.dtype),
                 "impl": name,
                 "time_ms": times.get(name),
+                "peak_MiB": memory.get(name),
                 "error": errors.get(name),
             }
             t = times.get(name)
@@ -168,9 +192,13 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
                 if case.flops:
                     row["TFLOPs"] = case.flops / t / 1e9
                     row["pct_of_matmul"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
-                for base in BASELINES:
-                    if times.get(base) is not None:
+                for base in baselines:
+                    if base != name:
                         row[f"speedup_vs_{base}"] = times[base] / t
+                if _is_ours(name) and baselines:
+                    best = min(baselines, key=lambda b: times[b])
+                    row["best_baseline"] = best
+                    row["speedup_vs_best"] = times[best] / t
             rows.append(row)
         if progress is not None:
             progress()
@@ -185,15 +213,23 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["op", "pass", "shape", "dtype", "impl", "time (ms)", "GB/s", "% copy BW", "vs eager", "vs compile"]
+    compute_bound = any(r.get("TFLOPs") for r in rows)
+    metric, pct = ("TFLOPs", "pct_of_matmul") if compute_bound else ("GBps", "pct_of_copy_bw")
+    header = ["op", "pass", "shape", "dtype", "impl", "time (ms)",
+              "TFLOP/s" if compute_bound else "GB/s", "% matmul" if compute_bound else "% copy BW",
+              "vs eager", "vs compile", "vs best baseline"]
+
+    def ratio(value):
+        return _fmt(value, ".2f") + ("x" if value else "")
+
     body = []
     for r in rows:
+        best = f"{ratio(r['speedup_vs_best'])} ({r['best_baseline']})" if r.get("best_baseline") else "-"
         body.append([
             r["op"], r["direction"], "x".join(map(str, r["shape"])), r["dtype"], r["impl"],
             _fmt(r["time_ms"], ".4f", r.get("error") and "error" or "-"),
-            _fmt(r.get("GBps"), ".1f"), _fmt(r.get("pct_of_copy_bw"), ".1f"),
-            _fmt(r.get("speedup_vs_torch eager"), ".2f") + ("x" if r.get("speedup_vs_torch eager") else ""),
-            _fmt(r.get("speedup_vs_torch.compile"), ".2f") + ("x" if r.get("speedup_vs_torch.compile") else ""),
+            _fmt(r.get(metric), ".1f"), _fmt(r.get(pct), ".1f"),
+            ratio(r.get("speedup_vs_torch eager")), ratio(r.get("speedup_vs_torch.compile")), best,
         ])
     return header, body
 
@@ -223,7 +259,9 @@ def markdown(rows: list[dict], env: dict, ceilings: dict, title: str) -> str:
         f"Measured ceilings in this run: copy {ceilings['copy_GBps']:.0f} GB/s (bytes read + written), "
         f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_TFLOPs']:.1f} TFLOP/s.",
         "GB/s counts the bytes an ideal kernel moves (each input read once, each output written once); "
-        "'vs X' is X's time divided by this row's time (above 1: faster than X).",
+        "TFLOP/s counts the FLOPs of the op's definition (attention: 4·B·H·S·L·D forward, halved when causal, "
+        "backward 2.5x forward). 'vs X' is X's time divided by this row's time (above 1: faster than X); "
+        "'vs best baseline' compares with the fastest non-fuseformer implementation of the row's case.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -241,6 +279,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = "TFLOPs" if any(r.get("TFLOPs") for r in rows) else "GBps"
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["op"], r["direction"], r["dtype"]), []).append(r)
@@ -256,10 +295,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             values = []
             for s in shapes:
                 match = [r for r in group if r["impl"] == impl and "x".join(map(str, r["shape"])) == s]
-                values.append(match[0].get("GBps") or 0.0 if match else 0.0)
+                values.append(match[0].get(metric) or 0.0 if match else 0.0)
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=impl)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=20, fontsize=8)
-        ax.set_ylabel("GB/s")
+        ax.set_ylabel("TFLOP/s" if metric == "TFLOPs" else "GB/s")
         ax.set_title(f"{op} {direction} ({dtype})", fontsize=10)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:

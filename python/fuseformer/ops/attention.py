@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fuseformer import backends
+from fuseformer import _extension, backends
 from fuseformer.ops import _checks
 
 Tensor = torch.Tensor
@@ -169,6 +169,62 @@ def _attention_backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(
     "fuseformer::triton_attention_fwd", _attention_backward, setup_context=_attention_setup_context
 )
+
+
+# ---- the C++ CPU backend (csrc/cpu/attention.cpp): float32 kernels ------------------------
+
+
+def _cpp_fwd_fake(q, k, v, mask, alibi_slopes, seqlens_k, *_args):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3])
+
+
+def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, *_args):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _cpp_setup_context(ctx, inputs, output):
+    q, k, v, mask, slopes, seqlens_k, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, slopes, seqlens_k)
+    ctx.options = options
+
+
+def _cpp_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask, slopes, seqlens_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fuseformer.attention_bwd.default(
+        grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seqlens_k, *ctx.options
+    )
+    return dq, dk, dv, *([None] * 8)
+
+
+if _extension.loaded():
+    torch.library.register_fake("fuseformer::attention_fwd")(_cpp_fwd_fake)
+    torch.library.register_fake("fuseformer::attention_bwd")(_cpp_bwd_fake)
+    torch.library.register_autograd(
+        "fuseformer::attention_fwd", _cpp_backward, setup_context=_cpp_setup_context
+    )
+
+
+def _additive_mask(attn_mask: Tensor | None, shape) -> Tensor | None:
+    """A user mask as the float32 additive (B, H, S, L) view the C++ kernels take; bool masks
+    are converted before they are broadcast, so no (B, H, S, L) copy is made."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.float().expand(shape)
+
+
+def _cpp_attention(q, k, v, attn_mask, scale, window, softcap, slopes, lower_right, seqlens_k=None):
+    """The "cpu" backend on (B, H, S, D) tensors: float32 in the kernels (half inputs are
+    upcast), the output in q's dtype."""
+    dtype = q.dtype
+    q32, k32, v32 = (_last_dim_contiguous(t.float()) for t in (q, k, v))
+    mask = _additive_mask(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    out, lse = torch.ops.fuseformer.attention_fwd.default(
+        q32, k32, v32, mask, slopes, seqlens_k, scale, softcap, window[0], window[1], lower_right
+    )
+    return out.to(dtype), lse
 
 
 # ---- the reference math path -------------------------------------------------------------
@@ -353,9 +409,10 @@ def _broadcast_mask(op, attn_mask, q, batch, heads, seqlen_q, seqlen_k):
         ) from None
 
 
-def _kernel_backend(family, q, op, head_dim_v, mask_needs_grad):
-    """The backend for a call, with float64, head dims and mask gradients routed to "torch"
-    (or an error when a kernel backend was forced)."""
+def _kernel_backend(family, q, op, head_dim_v, mask_needs_grad, dropout_p=0.0):
+    """The backend for a call, with what a kernel backend cannot take (float64, head dims,
+    mask gradients; dropout on the C++ CPU kernels) routed to "torch", or an error when a
+    kernel backend was forced."""
     backend = backends.resolve(family, q.device)
     if backend == "torch":
         return backend
@@ -363,12 +420,15 @@ def _kernel_backend(family, q, op, head_dim_v, mask_needs_grad):
     reason = None
     if q.dtype == torch.float64:
         reason = "takes float32, float16 or bfloat16 input, not float64"
-    elif not MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM:
+    elif backend == "triton" and not MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM:
         reason = f"takes head dims {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got {q.shape[-1]}"
     elif head_dim_v != q.shape[-1]:
         reason = f"needs v's head dim ({head_dim_v}) to equal q's ({q.shape[-1]})"
     elif mask_needs_grad:
         reason = "computes no gradient for attn_mask, which requires grad"
+    elif backend == "cpu" and dropout_p > 0:
+        # The issue allows it: dropout on the CPU runs in plain PyTorch.
+        return "torch"
     if reason is None:
         return backend
     if forced:
@@ -430,10 +490,12 @@ def attention(
     mask = _broadcast_mask(op, attn_mask, q, batch, heads, seqlen_q, seqlen_k) if attn_mask is not None else None
 
     backend = _kernel_backend(
-        "attention", q, op, v.shape[-1], mask is not None and mask.requires_grad and torch.is_grad_enabled()
+        "attention", q, op, v.shape[-1], mask is not None and mask.requires_grad and torch.is_grad_enabled(), dropout_p
     )
     if backend == "torch":
         out, lse = _torch_attention(q, k, v, mask, scale, window, softcap, alibi_slopes, lower_right, dropout_p, return_lse)
+    elif backend == "cpu":
+        out, lse = _cpp_attention(q, k, v, attn_mask, scale, window, softcap, alibi_slopes, lower_right)
     else:
         seed = _draw_seed(q.device) if dropout_p > 0 else None
         out, lse = _triton_attention_fwd(
@@ -498,9 +560,11 @@ def attention_varlen(
     )
     window = _causal_window(is_causal, window)
     lower_right = causal_variant == "lower_right"
-    backend = _kernel_backend("attention", q, op, v.shape[-1], False)
-    if backend == "torch":
-        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, softcap, alibi_slopes, lower_right, dropout_p)
+    backend = _kernel_backend("attention", q, op, v.shape[-1], False, dropout_p)
+    if backend in ("torch", "cpu"):
+        out, lse = _varlen_by_sequence(
+            backend, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window, softcap, alibi_slopes, lower_right, dropout_p
+        )
     else:
         seed = _draw_seed(q.device) if dropout_p > 0 else None
         out, lse = _triton_attention_fwd(
@@ -511,8 +575,9 @@ def attention_varlen(
     return (out, lse) if return_lse else out
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, scale, window, softcap, slopes, lower_right, dropout_p):
-    """The math path, one sequence at a time (the reference of the packed form)."""
+def _varlen_by_sequence(backend, q, k, v, cu_q, cu_k, scale, window, softcap, slopes, lower_right, dropout_p):
+    """The packed form one sequence at a time through the dense path of ``backend`` ("torch":
+    the reference math; "cpu": the C++ kernels, which parallelize within a sequence)."""
     outs, lses = [], []
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
     for b in range(len(starts_q) - 1):
@@ -520,10 +585,13 @@ def _torch_varlen(q, k, v, cu_q, cu_k, scale, window, softcap, slopes, lower_rig
         kb = k[starts_k[b] : starts_k[b + 1]].transpose(0, 1)[None]
         vb = v[starts_k[b] : starts_k[b + 1]].transpose(0, 1)[None]
         sb = slopes[b : b + 1] if slopes is not None and slopes.dim() == 2 else slopes
-        out, lse = math_attention(
-            qb, kb, vb, scale=scale, window=window, softcap=softcap, alibi_slopes=sb,
-            lower_right=lower_right, dropout_p=dropout_p,
-        )
+        if backend == "cpu":
+            out, lse = _cpp_attention(qb, kb, vb, None, scale, window, softcap, sb, lower_right)
+        else:
+            out, lse = math_attention(
+                qb, kb, vb, scale=scale, window=window, softcap=softcap, alibi_slopes=sb,
+                lower_right=lower_right, dropout_p=dropout_p,
+            )
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     out = torch.cat(outs) if outs else q.new_empty(q.shape)
@@ -611,6 +679,8 @@ def attention_with_kv_cache(
     backend = _kernel_backend("attention", q, op, v_cache.shape[-1], False)
     if backend == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, alibi_slopes)
+    elif backend == "cpu":
+        out, lse = _cpp_attention(q, k_cache, v_cache, None, scale, window, softcap, alibi_slopes, True, seqlens_k)
     else:
         if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
             raise ValueError(f"{op}: the {backend!r} backend needs caches with a contiguous last dimension")

@@ -1,0 +1,434 @@
+// Flash-style attention on the CPU, forward and backward, float32.
+//
+// Tiling: tasks are (batch, head, tile of block_m queries), run in parallel. A task streams
+// the visible keys in tiles of kBlockN: S = Q·Kᵀ and O += P·V are BLAS GEMMs on tile views
+// (ATen's CPU mm / addmm_ called directly, MKL or OpenBLAS underneath), so only a
+// block_m x kBlockN score tile ever exists; the softmax is online (running row max and sum,
+// accumulator rescaled). The elementwise row work (softcap, ALiBi, mask, exp) runs in float
+// loops the compiler vectorizes, with an exp of our own (below): libm's expf does not
+// vectorize, and a call per score costs more than both GEMMs.
+//
+// Backward: tasks are (batch, kv head); each walks the query heads of its GQA group and their
+// query tiles, recomputes P from the saved log-sum-exp and accumulates dK, dV of its keys and
+// dQ of its queries. Every output row has exactly one writer: deterministic, no atomics.
+//
+// Masking as in kernels/attention.py: query row i sits at key position i + offset (offset 0,
+// or L_b - S for lower-right alignment); keys outside [pos - left, pos + right] or past the
+// batch's key count are invisible; rows with no visible key give zeros and lse = -inf.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "vectorize.h"
+
+namespace fuseformer::cpu {
+namespace {
+
+// Query rows per task: 256 makes the GEMMs most efficient (measured, benchmarks/NOTES.md);
+// 128 when a window or causal mask makes tall tiles compute scores that are then masked.
+constexpr int64_t kBlockMLarge = 256;
+constexpr int64_t kBlockMMasked = 128;
+constexpr int64_t kBlockN = 512;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for float32, vectorizable: 2^n · e^r with n = round(x / ln 2), |r| <= ln2 / 2, and
+// e^r from its degree-7 Taylor polynomial (truncation < 6e-9 relative). Below -87.3 the result
+// would be subnormal: it returns 0 (and exp(-inf) = 0, as the masked scores need).
+__attribute__((always_inline)) inline float exp_f32(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const bool underflow = x < -87.3f;
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = (x * kLog2e + kRound) - kRound;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float result = p * std::bit_cast<float>(bits);
+  return underflow ? 0.0f : result;
+}
+
+// tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|): no overflow; absolute error ~1e-7.
+__attribute__((always_inline)) inline float tanh_f32(float y) {
+  const float e = exp_f32(-2.0f * std::fabs(y));
+  const float t = (1.0f - e) / (1.0f + e);
+  return y < 0 ? -t : t;
+}
+
+struct Options {
+  float scale;
+  float softcap;  // 0: none
+  int64_t window_left, window_right;  // -1: unbounded
+};
+
+// Visible key range [lo, hi) of the query at key position `pos`, among `keys` keys.
+inline std::pair<int64_t, int64_t> visible_range(int64_t pos, int64_t keys, const Options& o) {
+  int64_t lo = 0, hi = keys;
+  if (o.window_right >= 0) hi = std::min(hi, pos + o.window_right + 1);
+  if (o.window_left >= 0) lo = std::max<int64_t>(0, pos - o.window_left);
+  return {lo, std::max(lo, hi)};
+}
+
+// One row of a score tile, in place: raw q·k (n keys from key col0) -> final scores
+// (scale, softcap, ALiBi, additive mask; -inf outside [vis_lo, vis_hi)). `tanh_out` (when not
+// null) receives tanh(scale·q·k / softcap) for the backward.
+FF_VECTORIZE void finish_scores(float* s, int64_t n, int64_t col0, int64_t pos, const Options& o, float slope,
+                                const float* mask_row, int64_t mask_stride, int64_t vis_lo, int64_t vis_hi,
+                                float* tanh_out) {
+  const float scale = o.scale;
+  if (o.softcap > 0) {
+    const float inv_cap = 1.0f / o.softcap, cap = o.softcap;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = tanh_f32(s[j] * scale * inv_cap);
+      if (tanh_out) tanh_out[j] = t;
+      s[j] = cap * t;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] *= scale;
+  }
+  if (slope != 0.0f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<float>(std::abs(pos - (col0 + j)));
+  }
+  if (mask_row) {
+    for (int64_t j = 0; j < n; ++j) s[j] += mask_row[(col0 + j) * mask_stride];
+  }
+  for (int64_t j = 0; j < std::min(n, vis_lo - col0); ++j) s[j] = kNegInf;
+  for (int64_t j = std::max<int64_t>(0, vis_hi - col0); j < n; ++j) s[j] = kNegInf;
+}
+
+// Reductions keep kLanes partial results so the compiler can vectorize them without
+// reassociating float math (which -O3 alone does not allow).
+constexpr int64_t kLanes = 16;
+
+FF_VECTORIZE float row_max(const float* s, int64_t n) {
+  float lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = kNegInf;
+  const int64_t full = n - n % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > s[j + l] ? lanes[l] : s[j + l];
+  }
+  float m = kNegInf;
+  for (int64_t l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
+  for (int64_t j = full; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s <- exp(scale * s - shift), returns the sum (scale 1: the scores are final already).
+FF_VECTORIZE float exp_shifted_sum(float* s, int64_t n, float scale, float shift) {
+  float lanes[kLanes] = {};
+  const int64_t full = n - n % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s[j + l] = exp_f32(scale * s[j + l] - shift);
+      lanes[l] += s[j + l];
+    }
+  }
+  float sum = 0.0f;
+  for (int64_t j = full; j < n; ++j) {
+    s[j] = exp_f32(scale * s[j] - shift);
+    sum += s[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+FF_VECTORIZE void scale_row(float* x, int64_t n, float factor) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= factor;
+}
+
+// dS = P (dP - delta) [(1 - t²) with a softcap], in place in dp.
+FF_VECTORIZE void grad_scores_row(const float* p, float* dp, const float* t, int64_t n, float delta) {
+  if (t) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * (1.0f - t[j] * t[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  }
+}
+
+// ---- shapes and per-row context ------------------------------------------------------------
+
+struct Problem {
+  int64_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, groups;
+  bool lower_right;
+  Options opt;
+  const at::Tensor* mask;  // float32 (B, H, S, L) view, or null
+  const float* slopes;     // (H,) or (B, H), or null
+  int64_t slopes_batch_stride;
+  const int32_t* seqlens_k;  // per-batch key counts, or null
+
+  int64_t keys(int64_t b) const { return seqlens_k ? seqlens_k[b] : seqlen_k; }
+  int64_t offset(int64_t b) const { return lower_right ? keys(b) - seqlen_q : 0; }
+  float slope(int64_t b, int64_t h) const { return slopes ? slopes[b * slopes_batch_stride + h] : 0.0f; }
+  const float* mask_row(int64_t b, int64_t h, int64_t i) const {
+    if (!mask) return nullptr;
+    return mask->data_ptr<float>() + b * mask->stride(0) + h * mask->stride(1) + i * mask->stride(2);
+  }
+  int64_t mask_col_stride() const { return mask ? mask->stride(3) : 0; }
+};
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                  const std::optional<at::Tensor>& slopes, const std::optional<at::Tensor>& seqlens_k) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "fuseformer attention (cpu): q, k, v must be 4-D float32 CPU tensors");
+    TORCH_CHECK(t->stride(3) == 1, "fuseformer attention (cpu): q, k, v need a contiguous last dimension");
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "fuseformer attention (cpu): k and v must be (B, H_kv, L, D) with q's B and D");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "fuseformer attention (cpu): q's heads must be a multiple of k's heads");
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->dim() == 4 && mask->size(0) == q.size(0) &&
+                    mask->size(1) == q.size(1) && mask->size(2) == q.size(2) && mask->size(3) == k.size(2),
+                "fuseformer attention (cpu): mask must be a float32 (B, H, S, L) view");
+  }
+  if (slopes) {
+    TORCH_CHECK(slopes->scalar_type() == at::kFloat && slopes->is_contiguous() &&
+                    (slopes->dim() == 1 || (slopes->dim() == 2 && slopes->size(0) == q.size(0))) &&
+                    slopes->size(-1) == q.size(1),
+                "fuseformer attention (cpu): alibi_slopes must be contiguous float32 (H,) or (B, H)");
+  }
+  if (seqlens_k) {
+    TORCH_CHECK(seqlens_k->scalar_type() == at::kInt && seqlens_k->dim() == 1 && seqlens_k->size(0) == q.size(0) &&
+                    seqlens_k->is_contiguous(),
+                "fuseformer attention (cpu): seqlens_k must be a contiguous int32 (B,) tensor");
+  }
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                     const std::optional<at::Tensor>& slopes, const std::optional<at::Tensor>& seqlens_k, double scale,
+                     double softcap, int64_t window_left, int64_t window_right, bool lower_right) {
+  Problem p{};
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.seqlen_q = q.size(2);
+  p.seqlen_k = k.size(2);
+  p.head_dim = q.size(3);
+  p.groups = p.heads / p.kv_heads;
+  p.lower_right = lower_right;
+  p.opt = {static_cast<float>(scale), static_cast<float>(softcap), window_left, window_right};
+  p.mask = mask ? &*mask : nullptr;
+  p.slopes = slopes ? slopes->data_ptr<float>() : nullptr;
+  p.slopes_batch_stride = slopes && slopes->dim() == 2 ? p.heads : 0;
+  p.seqlens_k = seqlens_k ? seqlens_k->data_ptr<int32_t>() : nullptr;
+  if (p.seqlens_k) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      TORCH_CHECK(p.seqlens_k[b] >= 0 && p.seqlens_k[b] <= p.seqlen_k,
+                  "fuseformer attention (cpu): seqlens_k must lie in [0, L]");
+    }
+  }
+  return p;
+}
+
+// Keys any row of query tile [m0, m1) can see, rounded out to whole key tiles.
+std::pair<int64_t, int64_t> tile_key_range(const Problem& p, int64_t b, int64_t m0, int64_t m1) {
+  const int64_t keys = p.keys(b), off = p.offset(b);
+  // Both ends of a row's range grow with its position: the first row has the lowest start,
+  // the last row the highest end.
+  const int64_t lo = visible_range(m0 + off, keys, p.opt).first;
+  const int64_t hi = visible_range(m1 - 1 + off, keys, p.opt).second;
+  return {std::min(lo, keys), std::min(keys, std::max(lo, hi))};
+}
+
+// ---- forward -------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 const std::optional<at::Tensor>& alibi_slopes,
+                                                 const std::optional<at::Tensor>& seqlens_k, double scale,
+                                                 double softcap, int64_t window_left, int64_t window_right,
+                                                 bool lower_right) {
+  check_inputs(q, k, v, mask, alibi_slopes, seqlens_k);
+  const Problem p = make_problem(q, k, mask, alibi_slopes, seqlens_k, scale, softcap, window_left, window_right,
+                                 lower_right);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.seqlen_q}, q.options());
+  const int64_t block_m = p.opt.window_right >= 0 || p.opt.window_left >= 0 ? kBlockMMasked : kBlockMLarge;
+  const int64_t m_tiles = (p.seqlen_q + block_m - 1) / block_m;
+  const int64_t tasks = p.batch * p.heads * m_tiles;
+  const int64_t d = p.head_dim;
+
+  // Scale > 0 keeps the row max of q·k the max of the scores: the fused path below relies on it.
+  const bool plain = !mask && !alibi_slopes && softcap <= 0 && scale > 0;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    // The tile GEMMs are internal: no autograd (the guard is thread-local, so it is set in
+    // each worker), and no autograd dispatch cost.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor acc = at::empty({block_m, d}, q.options());
+    at::Tensor score_buffer = at::empty({block_m * kBlockN}, q.options());
+    std::vector<float> row_m(block_m), row_l(block_m);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m_tile = task % m_tiles, bh = task / m_tiles;
+      const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / p.groups;
+      const int64_t m0 = m_tile * block_m, m1 = std::min(p.seqlen_q, m0 + block_m), rows = m1 - m0;
+      const int64_t keys = p.keys(b), off = p.offset(b);
+      const float slope = p.slope(b, h);
+      const at::Tensor q_tile = q[b][h].narrow(0, m0, rows);
+      const at::Tensor k_bh = k[b][kvh], v_bh = v[b][kvh];
+      at::Tensor acc_tile = acc.narrow(0, 0, rows);
+      acc_tile.zero_();
+      std::fill(row_m.begin(), row_m.end(), kNegInf);
+      std::fill(row_l.begin(), row_l.end(), 0.0f);
+
+      const auto [lo, hi] = tile_key_range(p, b, m0, m1);
+      for (int64_t n0 = lo; n0 < hi; n0 += kBlockN) {
+        const int64_t cols = std::min(kBlockN, hi - n0);
+        at::Tensor s = score_buffer.narrow(0, 0, rows * cols).view({rows, cols});
+        at::cpu::mm_out(s, q_tile, k_bh.narrow(0, n0, cols).t());
+        float* s_ptr = s.data_ptr<float>();
+        float* acc_ptr = acc_tile.data_ptr<float>();
+        for (int64_t i = 0; i < rows; ++i) {
+          float* s_row = s_ptr + i * cols;
+          const int64_t pos = m0 + i + off;
+          const auto [vis_lo, vis_hi] = visible_range(pos, keys, p.opt);
+          // Nothing to add or mask in a fully visible row: the scale goes inside the
+          // exponential (max(scale·s) = scale·max(s) for scale > 0), one pass fewer.
+          const bool fused = plain && vis_lo <= n0 && vis_hi >= n0 + cols;
+          float tile_max;
+          if (fused) {
+            tile_max = p.opt.scale * row_max(s_row, cols);
+          } else {
+            finish_scores(s_row, cols, n0, pos, p.opt, slope, p.mask_row(b, h, m0 + i), p.mask_col_stride(), vis_lo,
+                          vis_hi, nullptr);
+            tile_max = row_max(s_row, cols);
+          }
+          const float m_new = std::max(row_m[i], tile_max);
+          const float shift = m_new == kNegInf ? 0.0f : m_new;  // no visible key yet: exp(-inf) = 0
+          const float tile_sum = exp_shifted_sum(s_row, cols, fused ? p.opt.scale : 1.0f, shift);
+          const float alpha = exp_f32(row_m[i] - shift);
+          row_l[i] = row_l[i] * alpha + tile_sum;
+          row_m[i] = m_new;
+          if (alpha != 1.0f) scale_row(acc_ptr + i * d, d, alpha);
+        }
+        at::cpu::addmm_(acc_tile, s, v_bh.narrow(0, n0, cols));
+      }
+      float* out_ptr = out[b][h].data_ptr<float>();  // out is contiguous
+      float* lse_ptr = lse[b][h].data_ptr<float>();
+      const float* acc_ptr = acc_tile.data_ptr<float>();
+      for (int64_t i = 0; i < rows; ++i) {
+        const bool empty = row_l[i] == 0.0f;
+        const float inv = empty ? 0.0f : 1.0f / row_l[i];
+        float* o_row = out_ptr + (m0 + i) * d;
+        for (int64_t j = 0; j < d; ++j) o_row[j] = acc_ptr[i * d + j] * inv;
+        lse_ptr[m0 + i] = empty ? kNegInf : row_m[i] + std::log(row_l[i]);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& seqlens_k, double scale,
+    double softcap, int64_t window_left, int64_t window_right, bool lower_right) {
+  check_inputs(q, k, v, mask, alibi_slopes, seqlens_k);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == at::kFloat &&
+                  out.scalar_type() == at::kFloat,
+              "fuseformer attention (cpu): grad_out and out must be float32 and shaped like q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(2) == q.size(2),
+              "fuseformer attention (cpu): lse must be float32 (B, H, S)");
+  const Problem p = make_problem(q, k, mask, alibi_slopes, seqlens_k, scale, softcap, window_left, window_right,
+                                 lower_right);
+  const at::Tensor d_out = grad_out.contiguous();
+  // delta = rowsum(dO * O) - dL/dlse: d lse / d s = P, so a gradient on lse enters here.
+  at::Tensor delta = (d_out * out).sum(-1);
+  if (grad_lse) delta.sub_(*grad_lse);
+  delta = delta.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  const int64_t block_m = kBlockMMasked;
+  const int64_t m_tiles = (p.seqlen_q + block_m - 1) / block_m;
+  const bool has_softcap = p.opt.softcap > 0;
+
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor buffers = at::empty({3, block_m * kBlockN}, q.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.kv_heads, kvh = task % p.kv_heads;
+      const int64_t keys = p.keys(b), off = p.offset(b);
+      const at::Tensor k_bh = k[b][kvh], v_bh = v[b][kvh];
+      at::Tensor dk_bh = dk[b][kvh], dv_bh = dv[b][kvh];
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const int64_t h = kvh * p.groups + g;
+        const float slope = p.slope(b, h);
+        const float* lse_ptr = lse_c[b][h].data_ptr<float>();
+        const float* delta_ptr = delta[b][h].data_ptr<float>();
+        for (int64_t m_tile = 0; m_tile < m_tiles; ++m_tile) {
+          const int64_t m0 = m_tile * block_m, m1 = std::min(p.seqlen_q, m0 + block_m), rows = m1 - m0;
+          const at::Tensor q_tile = q[b][h].narrow(0, m0, rows);
+          const at::Tensor do_tile = d_out[b][h].narrow(0, m0, rows);
+          at::Tensor dq_tile = dq[b][h].narrow(0, m0, rows);
+          const auto [lo, hi] = tile_key_range(p, b, m0, m1);
+          for (int64_t n0 = lo; n0 < hi; n0 += kBlockN) {
+            const int64_t cols = std::min(kBlockN, hi - n0);
+            const at::Tensor k_tile = k_bh.narrow(0, n0, cols), v_tile = v_bh.narrow(0, n0, cols);
+            at::Tensor s = buffers[0].narrow(0, 0, rows * cols).view({rows, cols});
+            at::Tensor dp = buffers[1].narrow(0, 0, rows * cols).view({rows, cols});
+            at::Tensor t = buffers[2].narrow(0, 0, rows * cols).view({rows, cols});
+            at::cpu::mm_out(s, q_tile, k_tile.t());
+            at::cpu::mm_out(dp, do_tile, v_tile.t());
+            float* s_ptr = s.data_ptr<float>();
+            float* dp_ptr = dp.data_ptr<float>();
+            for (int64_t i = 0; i < rows; ++i) {
+              float* s_row = s_ptr + i * cols;
+              float* t_row = has_softcap ? t.data_ptr<float>() + i * cols : nullptr;
+              const int64_t pos = m0 + i + off;
+              const auto [vis_lo, vis_hi] = visible_range(pos, keys, p.opt);
+              finish_scores(s_row, cols, n0, pos, p.opt, slope, p.mask_row(b, h, m0 + i), p.mask_col_stride(),
+                            vis_lo, vis_hi, t_row);
+              const float row_lse = lse_ptr[m0 + i];
+              // P = exp(s - lse); a row with no visible key (lse -inf) has s = -inf: P = 0.
+              exp_shifted_sum(s_row, cols, 1.0f, row_lse == kNegInf ? 0.0f : row_lse);
+              grad_scores_row(s_row, dp_ptr + i * cols, t_row, cols, delta_ptr[m0 + i]);
+            }
+            // s now holds P, dp holds dS (w.r.t. scale·q·k).
+            at::Tensor dv_tile = dv_bh.narrow(0, n0, cols), dk_tile = dk_bh.narrow(0, n0, cols);
+            at::cpu::addmm_(dv_tile, s.t(), do_tile);
+            at::cpu::addmm_(dk_tile, dp.t(), q_tile, 1.0, scale);
+            at::cpu::addmm_(dq_tile, dp, k_tile, 1.0, scale);
+          }
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fuseformer, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+}  // namespace fuseformer::cpu

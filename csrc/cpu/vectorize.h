@@ -1,0 +1,9 @@
+// Loops the compiler vectorizes for AVX-512 / AVX2 / baseline x86, one clone picked at load
+// time (target_clones), so one build runs well on every x86 CPU.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FF_VECTORIZE __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FF_VECTORIZE
+#endif
