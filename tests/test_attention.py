@@ -25,6 +25,8 @@ PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 # dropout through PyTorch's math path instead).
 TRITON_PAIRS = [(b, d) for b, d in PAIRS if b == "triton"]
 TRITON_IDS = [f"{b}-{d}" for b, d in TRITON_PAIRS]
+DECODE_PAIRS = backend_device_pairs("attention_decode")
+DECODE_IDS = [f"{b}-{d}" for b, d in DECODE_PAIRS]
 
 
 def dtypes_for(device: str) -> list[torch.dtype]:
@@ -327,7 +329,7 @@ def test_varlen_matches_each_sequence_alone(poison_outputs, backend, device, kwa
 # ---- KV-cache decode ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("backend,device", DECODE_PAIRS, ids=DECODE_IDS)
 @pytest.mark.parametrize("groups", [1, 2, 4, 8])
 @pytest.mark.parametrize("n_new", [1, 3])
 def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, device, groups, n_new):
@@ -364,7 +366,7 @@ def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, d
             torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("backend,device", DECODE_PAIRS, ids=DECODE_IDS)
 def test_decode_features_and_empty_cache(backend, device):
     batch, heads, kv_heads, max_k, head_dim = 2, 4, 1, 90, 80
     q = torch.randn(batch, heads, 2, head_dim, device=device).half()

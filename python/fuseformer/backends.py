@@ -35,9 +35,14 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # LayerNorm is not faster than eager's (0.5-1.1x), so eager stays the CPU default.
     "layer_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)},
     "rms_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
-    # Attention: the Triton flash kernels on CUDA (not yet measured on a GPU); on CPU the
-    # "torch" backend (PyTorch's SDPA where it applies) until the C++ CPU kernels land.
-    "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    # Attention (dense and packed): the Triton flash kernels on CUDA (not yet measured on a
+    # GPU). On CPU (benchmarks/results/cpu/attention.md) the C++ kernels are 1.15-1.5x SDPA
+    # causal and 0.93-1.0x non-causal, so plain non-causal calls stay on SDPA
+    # (ops/attention.py) and everything else takes the C++ kernels.
+    "attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    # KV-cache decode: split-K Triton on CUDA; on CPU SDPA over the cache is faster (the C++
+    # kernel is 0.65-0.7x: one query row per head makes its tile GEMMs matrix-vector products).
+    "attention_decode": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 
 
@@ -46,6 +51,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "layer_norm": BACKENDS,
     "rms_norm": BACKENDS,
     "attention": ("torch", "triton", "cpu"),
+    "attention_decode": ("torch", "triton", "cpu"),
 }
 
 

@@ -20,9 +20,10 @@ Masking, in key positions j for query row i at position pos(i) = i + offset:
   bias. A query row that sees no key at all returns zeros (and log-sum-exp -inf), never NaN.
 
 Backends: "triton" (flash-attention-2 kernels, kernels/attention.py; head dims 16-256; fp16,
-bf16, fp32) and "torch" (the math path below, the tests' reference; float64 too). The C++
-CPU kernels are to come; on CPU the default is "torch", which calls PyTorch's SDPA when
-the call needs none of the extensions.
+bf16, fp32), "cpu" (C++ flash kernels, csrc/cpu/attention.cpp; float32 inside, any head dim;
+dropout there runs on the math path) and "torch" (the math path below, the tests'
+reference, float64 too; it calls PyTorch's SDPA when the call needs none of the
+extensions). The KV-cache decode is its own op family ("attention_decode") for defaults.
 
 Dropout: the Triton kernels draw Philox numbers keyed by a seed drawn from torch's default
 generator on every call, so ``torch.manual_seed`` makes a call reproducible and the backward
@@ -492,6 +493,9 @@ def attention(
     backend = _kernel_backend(
         "attention", q, op, v.shape[-1], mask is not None and mask.requires_grad and torch.is_grad_enabled(), dropout_p
     )
+    plain = mask is None and alibi_slopes is None and softcap == 0 and window == (-1, -1) and not return_lse
+    if backend == "cpu" and plain and backends.forced_backend() is None:
+        backend = "torch"  # SDPA's CPU flash path is as fast or faster there (backends.DEFAULTS)
     if backend == "torch":
         out, lse = _torch_attention(q, k, v, mask, scale, window, softcap, alibi_slopes, lower_right, dropout_p, return_lse)
     elif backend == "cpu":
@@ -676,7 +680,7 @@ def attention_with_kv_cache(
         v_cache.scatter_(2, positions.expand(v_new.shape), v_new)
     seqlens_k = cache_seqlens + appended
 
-    backend = _kernel_backend("attention", q, op, v_cache.shape[-1], False)
+    backend = _kernel_backend("attention_decode", q, op, v_cache.shape[-1], False)
     if backend == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, alibi_slopes)
     elif backend == "cpu":
