@@ -392,25 +392,55 @@ def test_decode_features_and_empty_cache(backend, device):
 # ---- registration, compile, modules --------------------------------------------------------
 
 
+def _grad_leaves(args):
+    return tuple(
+        a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 4 else a
+        for a in args
+    )
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_opcheck(backend, device):
     q, k, v = make_qkv((1, 4, 2, 17, 19, 32), torch.float32, device)
     mask = torch.rand(1, 4, 17, 19, device=device) > 0.3
     slopes = torch.rand(4, device=device)
-    seed = torch.tensor([5], device=device)
-    fwd = torch.ops.fuseformer.triton_attention_fwd.default
-    for args in (
-        (q, k, v, None, None, None, None, None, 17, 19, 0.2, 0.0, -1, -1, False, 0.0),
-        (q, k, v, mask, slopes, seed, None, None, 17, 19, 0.2, 3.0, 4, 0, True, 0.1),
-    ):
-        leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 4 else a for a in args]
-        torch.library.opcheck(fwd, tuple(leaves))
+    if backend == "triton":
+        fwd = torch.ops.fuseformer.triton_attention_fwd.default
+        seed = torch.tensor([5], device=device)
+        samples = [
+            (q, k, v, None, None, None, None, None, 17, 19, 0.2, 0.0, -1, -1, False, 0.0),
+            (q, k, v, mask, slopes, seed, None, None, 17, 19, 0.2, 3.0, 4, 0, True, 0.1),
+        ]
+    else:  # the C++ kernels: float32, additive masks, per-batch key counts
+        fwd = torch.ops.fuseformer.attention_fwd.default
+        additive = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
+        samples = [
+            (q, k, v, None, None, None, 0.2, 0.0, -1, -1, False),
+            (q, k, v, additive, slopes, torch.tensor([11], dtype=torch.int32, device=device), 0.2, 3.0, 4, 0, True),
+        ]
+    for args in samples:
+        torch.library.opcheck(fwd, _grad_leaves(args))
+
+
+@pytest.mark.parametrize("backend,device", DECODE_PAIRS, ids=DECODE_IDS)
+def test_opcheck_decode(backend, device):
     k_cache, v_cache = make_qkv((2, 2, 2, 40, 40, 32), torch.float16, device)[1:]
-    torch.library.opcheck(
-        torch.ops.fuseformer.triton_attention_decode.default,
-        (torch.randn(2, 4, 1, 32, device=device).half(), k_cache, v_cache,
-         torch.tensor([5, 40], dtype=torch.int32, device=device), None, 0.2, 0.0, -1, -1, 2),
-    )
+    q = torch.randn(2, 4, 1, 32, device=device).half()
+    seqlens = torch.tensor([5, 40], dtype=torch.int32, device=device)
+    if backend == "triton":
+        torch.library.opcheck(
+            torch.ops.fuseformer.triton_attention_decode.default,
+            (q, k_cache, v_cache, seqlens, None, 0.2, 0.0, -1, -1, 2),
+        )
+    elif backend == "cuda":
+        torch.library.opcheck(
+            torch.ops.fuseformer.attention_decode.default, (q, k_cache, v_cache, seqlens, None, 0.2, 0.0, -1, -1, 2)
+        )
+    else:  # "cpu": decode is the forward op with per-batch key counts, lower-right
+        torch.library.opcheck(
+            torch.ops.fuseformer.attention_fwd.default,
+            (q.float(), k_cache.float(), v_cache.float(), None, None, seqlens, 0.2, 0.0, -1, -1, True),
+        )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

@@ -51,7 +51,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "layer_norm": BACKENDS,
     "rms_norm": BACKENDS,
     "attention": ("torch", "triton", "cpu"),
-    "attention_decode": ("torch", "triton", "cpu"),
+    "attention_decode": ("torch", "triton", "cpu", "cuda"),
 }
 
 

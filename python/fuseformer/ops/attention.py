@@ -198,7 +198,12 @@ def _cpp_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, *([None] * 8)
 
 
+def _cpp_decode_fake(q, k_cache, v_cache, seqlens_k, *_args):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 if _extension.loaded():
+    torch.library.register_fake("fuseformer::attention_decode")(_cpp_decode_fake)
     torch.library.register_fake("fuseformer::attention_fwd")(_cpp_fwd_fake)
     torch.library.register_fake("fuseformer::attention_bwd")(_cpp_bwd_fake)
     torch.library.register_autograd(
@@ -685,6 +690,13 @@ def attention_with_kv_cache(
         out, lse = _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, alibi_slopes)
     elif backend == "cpu":
         out, lse = _cpp_attention(q, k_cache, v_cache, None, scale, window, softcap, alibi_slopes, True, seqlens_k)
+    elif backend == "cuda":
+        reason = _cuda_decode_limit(q, k_cache, v_cache)
+        if reason is not None:
+            raise ValueError(f'{op}: the "cuda" backend {reason}; use the "triton" backend')
+        out, lse = torch.ops.fuseformer.attention_decode.default(
+            q, k_cache, v_cache, seqlens_k, alibi_slopes, scale, softcap, window[0], window[1], num_splits
+        )
     else:
         if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
             raise ValueError(f"{op}: the {backend!r} backend needs caches with a contiguous last dimension")
@@ -693,6 +705,18 @@ def attention_with_kv_cache(
             window[0], window[1], num_splits,
         )
     return (out, lse) if return_lse else out
+
+
+def _cuda_decode_limit(q, k_cache, v_cache) -> str | None:
+    """Why the C++ CUDA decode kernel cannot take these tensors, or None."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"takes float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"takes head dims that are multiples of 8 up to 256, got {q.shape[-1]}"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:3]):
+            return f"needs {name} 16-byte aligned with a contiguous last dim and strides that are multiples of 8"
+    return None
 
 
 def _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, slopes):
