@@ -29,7 +29,7 @@ query, key) index, so the backward regenerates the forward's mask exactly.
 from __future__ import annotations
 
 import functools
-import math
+import os
 
 import torch
 import triton
@@ -600,25 +600,62 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _fwd_config(block_d: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
-    if device.type != "cuda":
-        return 32, 32, 4, 1  # the interpreter: few, large-enough tiles
-    if block_d <= 64:
-        return 128, 64, 4, 3
-    if block_d <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 4, 2
+# Autotuning (on a GPU, per head-dim class and masking mode): the candidate tiles come from
+# the FlashAttention-2 Triton schedules for Ampere/Hopper. FUSEFORMER_TRITON_AUTOTUNE=0 (the
+# test suite sets it: every new constexpr combination would tune again) uses the first one.
+# The interpreter takes one asymmetric config, so BLOCK_M != BLOCK_N paths are tested on CPU.
+AUTOTUNE_KEY = ["BLOCK_D", "LIMIT_LEFT", "LIMIT_RIGHT", "MASK_KIND", "HAS_DROPOUT", "HAS_SOFTCAP", "DOT_PRECISION"]
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the untuned default.
+_FWD_TILES = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 4)],
+    256: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 64, 8, 3)],
+}
+# dK/dV: a key tile of BLOCK_N walks query tiles of BLOCK_M; dQ the other way round.
+_DKDV_TILES = {
+    64: [(32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    128: [(32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    256: [(32, 64, 4, 2), (32, 32, 4, 1), (64, 64, 8, 1)],
+}
+_DQ_TILES = {
+    64: [(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    256: [(64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 8, 1)],
+}
+_INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+_TILES = {"fwd": _FWD_TILES, "dkdv": _DKDV_TILES, "dq": _DQ_TILES}
 
 
-def _bwd_config(block_d: int, device: torch.device) -> tuple[int, int, int, int]:
+def _autotune_enabled() -> bool:
+    return os.environ.get("FUSEFORMER_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _d_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, d_class: int):
+    kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _TILES[kind][d_class]
+    ]
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY)(kernel)
+
+
+def _launch(kind: str, block_d: int, device: torch.device, grid_of, *args, **constexprs) -> None:
+    """Run kernel ``kind`` with autotuned tiles on a GPU, else with the fixed tiles.
+    ``grid_of(BLOCK_M, BLOCK_N)`` gives the grid."""
+    kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
     if device.type != "cuda":
-        return 32, 32, 4, 1
-    if block_d <= 64:
-        return 64, 64, 4, 2
-    if block_d <= 128:
-        return 64, 64, 8, 2
-    return 32, 32, 4, 1
+        m, n, w, st = _INTERPRETER_TILES[kind]
+    elif _autotune_enabled():
+        _tuned(kind, _d_class(block_d))[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+        return
+    else:
+        m, n, w, st = _TILES[kind][_d_class(block_d)][0]
+    kernel[grid_of(m, n)](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -731,14 +768,13 @@ def attention_fwd(q, k, v, mask, slopes, seed, cu_q, cu_k, seqlens_k, max_q, max
         return out, lse
     mask_t, mask_strides, _kind = pb.mask_args()
     slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t = pb.pointer_extras()
-    block_m, block_n, warps, stages = _fwd_config(pb.block_d, q.device)
-    grid = (triton.cdiv(pb.seqlen_q, block_m), pb.batch * pb.heads)
-    _attn_fwd[grid](
+    _launch(
+        "fwd", pb.block_d, q.device, lambda bm, bn: (triton.cdiv(pb.seqlen_q, bm), pb.batch * pb.heads),
         q, k, v, out, lse, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t,
         *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
         *_strides3(out, pb.varlen), *pb.lse_strides(lse), *mask_strides, pb.slope_stride(),
         pb.heads, pb.groups, *pb.common_args(),
-        **pb.constexprs(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        **pb.constexprs(q.dtype),
     )
     return out, lse
 
@@ -757,7 +793,7 @@ def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_
         return dq.zero_(), dk.zero_(), dv.zero_()
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     delta = torch.empty_like(lse)
-    block_m, block_n, warps, stages = _bwd_config(pb.block_d, q.device)
+    block_m = 64 if q.device.type == "cuda" else 32
     rows = pb.total_q if pb.varlen else pb.seqlen_q
     batch_for_rows = 1 if pb.varlen else pb.batch
     _attn_bwd_delta[(triton.cdiv(rows, block_m), batch_for_rows * pb.heads)](
@@ -774,21 +810,23 @@ def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_
         if pb.seqlens_k is not None:
             dk.zero_()
             dv.zero_()
-    _attn_bwd_dkdv[(triton.cdiv(pb.seqlen_k, block_n), pb.batch * pb.kv_heads)](
+    _launch(
+        "dkdv", pb.block_d, q.device, lambda bm, bn: (triton.cdiv(pb.seqlen_k, bn), pb.batch * pb.kv_heads),
         q, k, v, grad_out, lse, delta, dk, dv, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t,
         *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
         *_strides3(grad_out, pb.varlen), *_strides3(dk, pb.varlen), *_strides3(dv, pb.varlen),
         *pb.lse_strides(lse), *mask_strides, pb.slope_stride(),
         pb.kv_heads, pb.groups, *pb.common_args(),
-        **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        **consts,
     )
-    _attn_bwd_dq[(triton.cdiv(pb.seqlen_q, block_m), pb.batch * pb.heads)](
+    _launch(
+        "dq", pb.block_d, q.device, lambda bm, bn: (triton.cdiv(pb.seqlen_q, bm), pb.batch * pb.heads),
         q, k, v, grad_out, lse, delta, dq, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t,
         *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
         *_strides3(grad_out, pb.varlen), *_strides3(dq, pb.varlen),
         *pb.lse_strides(lse), *mask_strides, pb.slope_stride(),
         pb.heads, pb.groups, *pb.common_args(),
-        **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        **consts,
     )
     return dq, dk, dv
 

@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Fixed Triton tiles: autotuning every constexpr combination the tests reach would take
+# longer than the tests (kernels/attention.py).
+os.environ.setdefault("FUSEFORMER_TRITON_AUTOTUNE", "0")
 
 
 @pytest.fixture(autouse=True)
