@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/gpu_suite.sh [STAGE ...] [--out DIR]
 #
-# Stages (default: all, in this order): info, build, test, bench. Each finishes in well
-# under 10 minutes and can be run alone. Results go to DIR (default
+# Stages (default: all, in this order): build, info, test, bench. Each finishes in well
+# under 10 minutes and can be run alone; "bench" runs every benchmark family, each under its
+# own 10-minute limit, and "bench:<family>" (bench:norms, bench:attention) one of them. Results go to DIR (default
 # benchmarks/results/<gpu-name>/): build.log, info.txt, tests.log, and per benchmark
 # family <family>.json / .md / .png. Commit them with the versions they record.
 set -uo pipefail
@@ -16,7 +17,7 @@ stages=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
-    info|build|test|bench|all) stages+=("$1"); shift ;;
+    info|build|test|bench|bench:*|all) stages+=("$1"); shift ;;
     *) echo "gpu_suite: unknown argument '$1' (stages: info build test bench all; --out DIR)" >&2; exit 2 ;;
   esac
 done
@@ -31,6 +32,7 @@ if [ -z "$gpu" ]; then
 fi
 out=${out:-benchmarks/results/$gpu}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: some stages run from another directory
 echo "gpu_suite: $gpu, stages: ${stages[*]}, results -> $out"
 status=0
 
@@ -54,8 +56,12 @@ for stage in "${stages[@]}"; do
       timeout 540 $PY -m pytest tests -q -rfEs $workers --durations=20 >"$out/tests.log" 2>&1 || status=1
       tail -30 "$out/tests.log"
       ;;
-    bench)
-      timeout 560 $PY -m fuseformer.cli bench --out "$out" || status=1
+    bench|bench:*)
+      families=${stage#bench:}
+      [ "$stage" = bench ] && families=$(cd /tmp && $PY -c "from fuseformer.bench import FAMILIES; print(' '.join(FAMILIES))")
+      for family in $families; do
+        (cd /tmp && timeout 560 $PY -m fuseformer.cli bench "$family" --out "$out") || status=1
+      done
       ;;
   esac
   echo "gpu_suite: stage $stage took $(( $(date +%s) - start )) s"

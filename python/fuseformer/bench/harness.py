@@ -42,6 +42,7 @@ class Case:
     impls: dict[str, Callable[[], Any]]  # name -> callable; ours start with "fuseformer"
     bytes: float = 0.0  # moved by an ideal kernel (each input read once, each output written once)
     flops: float = 0.0
+    tokens: float = 0.0  # tokens produced per call (decode), for tokens/s
 
     @property
     def label(self) -> str:
@@ -192,6 +193,8 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
                 if case.flops:
                     row["TFLOPs"] = case.flops / t / 1e9
                     row["pct_of_matmul"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
+                if case.tokens:
+                    row["tokens_per_s"] = case.tokens / t * 1e3
                 for base in baselines:
                     if base != name:
                         row[f"speedup_vs_{base}"] = times[base] / t
@@ -213,24 +216,33 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    compute_bound = any(r.get("TFLOPs") for r in rows)
-    metric, pct = ("TFLOPs", "pct_of_matmul") if compute_bound else ("GBps", "pct_of_copy_bw")
-    header = ["op", "pass", "shape", "dtype", "impl", "time (ms)",
-              "TFLOP/s" if compute_bound else "GB/s", "% matmul" if compute_bound else "% copy BW",
+    """Throughput is TFLOP/s for compute-bound cases and GB/s for memory-bound ones, each
+    with its fraction of the measured ceiling."""
+    header = ["op", "pass", "shape", "dtype", "impl", "time (ms)", "throughput", "% of ceiling",
               "vs eager", "vs compile", "vs best baseline"]
+    with_tokens = any(r.get("tokens_per_s") for r in rows)
+    with_memory = any(r.get("peak_MiB") is not None for r in rows)
+    header += ["tokens/s"] * with_tokens + ["peak MiB"] * with_memory
 
     def ratio(value):
         return _fmt(value, ".2f") + ("x" if value else "")
 
     body = []
     for r in rows:
+        if r.get("TFLOPs"):
+            throughput, pct = f"{r['TFLOPs']:.3g} TFLOP/s", _fmt(r.get("pct_of_matmul"), ".1f")
+        elif r.get("GBps"):
+            throughput, pct = f"{r['GBps']:.1f} GB/s", _fmt(r.get("pct_of_copy_bw"), ".1f")
+        else:
+            throughput, pct = "-", "-"
         best = f"{ratio(r['speedup_vs_best'])} ({r['best_baseline']})" if r.get("best_baseline") else "-"
-        body.append([
+        line = [
             r["op"], r["direction"], "x".join(map(str, r["shape"])), r["dtype"], r["impl"],
-            _fmt(r["time_ms"], ".4f", r.get("error") and "error" or "-"),
-            _fmt(r.get(metric), ".1f"), _fmt(r.get(pct), ".1f"),
+            _fmt(r["time_ms"], ".4f", r.get("error") and "error" or "-"), throughput, pct,
             ratio(r.get("speedup_vs_torch eager")), ratio(r.get("speedup_vs_torch.compile")), best,
-        ])
+        ]
+        line += [_fmt(r.get("tokens_per_s"), ".0f")] * with_tokens + [_fmt(r.get("peak_MiB"), ".0f")] * with_memory
+        body.append(line)
     return header, body
 
 
@@ -241,7 +253,8 @@ def print_table(rows: list[dict], title: str) -> None:
     header, body = table_rows(rows)
     table = Table(title=title)
     for h in header:
-        table.add_column(h, justify="right" if h not in ("op", "pass", "impl", "dtype") else "left")
+        table.add_column(h, justify="right" if h not in ("op", "pass", "impl", "dtype") else "left",
+                         overflow="fold")
     for line in body:
         table.add_row(*line)
     Console(width=max(140, Console().width)).print(table)
