@@ -39,6 +39,8 @@ namespace {
 // 128 when a window or causal mask makes tall tiles compute scores that are then masked.
 constexpr int64_t kBlockMLarge = 256;
 constexpr int64_t kBlockMMasked = 128;
+// Query rows (GQA group x queries) up to which the heads of a group share one tile.
+constexpr int64_t kPackedRows = 64;
 constexpr int64_t kBlockN = 512;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -269,8 +271,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.seqlen_q}, q.options());
   const int64_t block_m = p.opt.window_right >= 0 || p.opt.window_left >= 0 ? kBlockMMasked : kBlockMLarge;
-  const int64_t m_tiles = (p.seqlen_q + block_m - 1) / block_m;
-  const int64_t tasks = p.batch * p.heads * m_tiles;
+  // Decode-like calls (a few queries, GQA): the queries of all heads that share a kv head
+  // form one tile, so each key tile is read once per group and the GEMMs have groups x S
+  // rows instead of S (matrix-vector products for S = 1).
+  const bool packed = p.groups > 1 && p.groups * p.seqlen_q <= kPackedRows;
+  const int64_t m_tiles = packed ? 1 : (p.seqlen_q + block_m - 1) / block_m;
+  const int64_t heads_per_task = packed ? p.groups : 1;
+  const int64_t tasks = p.batch * (p.heads / heads_per_task) * m_tiles;
+  const int64_t tile_rows = packed ? p.groups * p.seqlen_q : block_m;
   const int64_t d = p.head_dim;
 
   // Scale > 0 keeps the row max of q·k the max of the scores: the fused path below relies on it.
@@ -279,16 +287,22 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     // The tile GEMMs are internal: no autograd (the guard is thread-local, so it is set in
     // each worker), and no autograd dispatch cost.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor acc = at::empty({block_m, d}, q.options());
-    at::Tensor score_buffer = at::empty({block_m * kBlockN}, q.options());
-    std::vector<float> row_m(block_m), row_l(block_m);
+    at::Tensor acc = at::empty({tile_rows, d}, q.options());
+    at::Tensor score_buffer = at::empty({tile_rows * kBlockN}, q.options());
+    std::vector<float> row_m(tile_rows), row_l(tile_rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m_tile = task % m_tiles, bh = task / m_tiles;
-      const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / p.groups;
-      const int64_t m0 = m_tile * block_m, m1 = std::min(p.seqlen_q, m0 + block_m), rows = m1 - m0;
+      const int64_t b = bh / (p.heads / heads_per_task), h0 = bh % (p.heads / heads_per_task) * heads_per_task;
+      const int64_t kvh = h0 / p.groups;
+      // Tile row r is query i_of(r) of head h_of(r).
+      const int64_t m0 = packed ? 0 : m_tile * block_m;
+      const int64_t m1 = packed ? p.seqlen_q : std::min(p.seqlen_q, m0 + block_m);
+      const int64_t span = m1 - m0, rows = span * heads_per_task;
+      auto h_of = [&](int64_t r) { return h0 + r / span; };
+      auto i_of = [&](int64_t r) { return m0 + r % span; };
       const int64_t keys = p.keys(b), off = p.offset(b);
-      const float slope = p.slope(b, h);
-      const at::Tensor q_tile = q[b][h].narrow(0, m0, rows);
+      const at::Tensor q_tile = packed ? q[b].narrow(0, h0, heads_per_task).reshape({rows, d})
+                                       : q[b][h0].narrow(0, m0, rows);
       const at::Tensor k_bh = k[b][kvh], v_bh = v[b][kvh];
       at::Tensor acc_tile = acc.narrow(0, 0, rows);
       acc_tile.zero_();
@@ -302,9 +316,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
         at::cpu::mm_out(s, q_tile, k_bh.narrow(0, n0, cols).t());
         float* s_ptr = s.data_ptr<float>();
         float* acc_ptr = acc_tile.data_ptr<float>();
-        for (int64_t i = 0; i < rows; ++i) {
-          float* s_row = s_ptr + i * cols;
-          const int64_t pos = m0 + i + off;
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s_row = s_ptr + r * cols;
+          const int64_t h = h_of(r), i = i_of(r), pos = i + off;
           const auto [vis_lo, vis_hi] = visible_range(pos, keys, p.opt);
           // Nothing to add or mask in a fully visible row: the scale goes inside the
           // exponential (max(scale·s) = scale·max(s) for scale > 0), one pass fewer.
@@ -313,29 +327,30 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
           if (fused) {
             tile_max = p.opt.scale * row_max(s_row, cols);
           } else {
-            finish_scores(s_row, cols, n0, pos, p.opt, slope, p.mask_row(b, h, m0 + i), p.mask_col_stride(), vis_lo,
-                          vis_hi, nullptr);
+            finish_scores(s_row, cols, n0, pos, p.opt, p.slope(b, h), p.mask_row(b, h, i), p.mask_col_stride(),
+                          vis_lo, vis_hi, nullptr);
             tile_max = row_max(s_row, cols);
           }
-          const float m_new = std::max(row_m[i], tile_max);
+          const float m_new = std::max(row_m[r], tile_max);
           const float shift = m_new == kNegInf ? 0.0f : m_new;  // no visible key yet: exp(-inf) = 0
           const float tile_sum = exp_shifted_sum(s_row, cols, fused ? p.opt.scale : 1.0f, shift);
-          const float alpha = exp_f32(row_m[i] - shift);
-          row_l[i] = row_l[i] * alpha + tile_sum;
-          row_m[i] = m_new;
-          if (alpha != 1.0f) scale_row(acc_ptr + i * d, d, alpha);
+          const float alpha = exp_f32(row_m[r] - shift);
+          row_l[r] = row_l[r] * alpha + tile_sum;
+          row_m[r] = m_new;
+          if (alpha != 1.0f) scale_row(acc_ptr + r * d, d, alpha);
         }
         at::cpu::addmm_(acc_tile, s, v_bh.narrow(0, n0, cols));
       }
-      float* out_ptr = out[b][h].data_ptr<float>();  // out is contiguous
-      float* lse_ptr = lse[b][h].data_ptr<float>();
+      float* out_b = out[b].data_ptr<float>();  // out is contiguous (H, S, D) per batch
+      float* lse_b = lse[b].data_ptr<float>();
       const float* acc_ptr = acc_tile.data_ptr<float>();
-      for (int64_t i = 0; i < rows; ++i) {
-        const bool empty = row_l[i] == 0.0f;
-        const float inv = empty ? 0.0f : 1.0f / row_l[i];
-        float* o_row = out_ptr + (m0 + i) * d;
-        for (int64_t j = 0; j < d; ++j) o_row[j] = acc_ptr[i * d + j] * inv;
-        lse_ptr[m0 + i] = empty ? kNegInf : row_m[i] + std::log(row_l[i]);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = h_of(r) * p.seqlen_q + i_of(r);
+        const bool empty = row_l[r] == 0.0f;
+        const float inv = empty ? 0.0f : 1.0f / row_l[r];
+        float* o_row = out_b + row * d;
+        for (int64_t j = 0; j < d; ++j) o_row[j] = acc_ptr[r * d + j] * inv;
+        lse_b[row] = empty ? kNegInf : row_m[r] + std::log(row_l[r]);
       }
     }
   });

@@ -686,6 +686,8 @@ def attention_with_kv_cache(
     seqlens_k = cache_seqlens + appended
 
     backend = _kernel_backend("attention_decode", q, op, v_cache.shape[-1], False)
+    if backend == "cpu" and heads == kv_heads and backends.forced_backend() is None:
+        backend = "torch"  # without GQA, SDPA is faster on CPU (backends.DEFAULTS)
     if backend == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, alibi_slopes)
     elif backend == "cpu":
