@@ -588,3 +588,30 @@ def test_reference_backend_matches_sdpa_math():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(causal, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+def test_multihead_attention_compiles_fullgraph():
+    mha = fuseformer.nn.MultiheadAttention(64, 4, batch_first=True)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    compiled = torch.compile(mha, fullgraph=True, backend="aot_eager")
+    out, _ = compiled(x, x, x, need_weights=False, is_causal=True)
+    ref, _ = mha(x, x, x, need_weights=False, is_causal=True)
+    torch.testing.assert_close(out, ref)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_multihead_attention_under_autocast():
+    theirs = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    ours = fuseformer.nn.MultiheadAttention(64, 4, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 9, 64)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ours(x, x, x, need_weights=False, attn_mask=causal, is_causal=True)
+        ref_bf16, _ = theirs(x, x, x, need_weights=False, attn_mask=causal, is_causal=True)
+    x64 = x.double()
+    ref, _ = theirs.double()(x64, x64, x64, need_weights=False, attn_mask=causal.double(), is_causal=True)
+    assert out.dtype == ref_bf16.dtype == torch.bfloat16
+    assert_matches_reference("autocast out", out, ref, ref_bf16)
