@@ -71,27 +71,34 @@ def _scores(
     MASK_KIND: tl.constexpr,
     LIMIT_LEFT: tl.constexpr,
     LIMIT_RIGHT: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr,
 ):
     """Scores in natural-log units, -inf where the key is not visible; and tanh(s/softcap)
-    (the backward's softcap derivative), or s when there is no softcap."""
+    (the backward's softcap derivative), or s when there is no softcap. CHECK_BOUNDS=False:
+    the caller knows every key of the tile exists and lies in every row's window (interior
+    tiles), so only the user's mask can hide one."""
     s = qk * scale
     t = s
     if HAS_SOFTCAP:
         t = _tanh(s / softcap)
         s = softcap * t
-    rel = pos_q[:, None] - offs_n[None, :]
     if HAS_ALIBI:
-        s = s - slope * tl.abs(rel).to(tl.float32)
-    valid = offs_n[None, :] < seqlen_k
-    if LIMIT_RIGHT:
-        valid = valid & (rel >= -window_right)
-    if LIMIT_LEFT:
-        valid = valid & (rel <= window_left)
-    if MASK_KIND == 1:
-        valid = valid & (tl.load(mask_ptrs, mask=mask_ok, other=0) != 0)
+        s = s - slope * tl.abs(pos_q[:, None] - offs_n[None, :]).to(tl.float32)
     if MASK_KIND == 2:
         s = s + tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(tl.float32)
-    s = tl.where(valid, s, float("-inf"))
+    if CHECK_BOUNDS:
+        rel = pos_q[:, None] - offs_n[None, :]
+        valid = offs_n[None, :] < seqlen_k
+        if LIMIT_RIGHT:
+            valid = valid & (rel >= -window_right)
+        if LIMIT_LEFT:
+            valid = valid & (rel <= window_left)
+        if MASK_KIND == 1:
+            valid = valid & (tl.load(mask_ptrs, mask=mask_ok, other=0) != 0)
+        s = tl.where(valid, s, float("-inf"))
+    else:
+        if MASK_KIND == 1:
+            s = tl.where(tl.load(mask_ptrs, mask=mask_ok, other=0) != 0, s, float("-inf"))
     return s, t
 
 
@@ -105,15 +112,50 @@ def _dropout_keep(seed, bh, offs_m, offs_n, rows_per_head, cols_per_row, dropout
 
 @triton.jit
 def _key_range(m_start, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT):
-    """First (a multiple of BLOCK_N) and end key index any row of the query tile can see."""
+    """Key tiles of a query tile [m_start, m_start + BLOCK_M): (lo, full_lo, full_hi, hi).
+    [lo, hi) holds every key any row can see (lo a multiple of BLOCK_N); the tiles in
+    [full_lo, full_hi) are interior (every key exists and every row sees it, apart from the
+    user's mask), so they skip the bounds checks. The rest are edge tiles."""
     lo = 0
     hi = seqlen_k
+    full_lo = 0
+    full_end = seqlen_k
     if LIMIT_RIGHT:
         hi = tl.minimum(hi, m_start + BLOCK_M + offset + window_right)
+        full_end = tl.minimum(full_end, tl.maximum(m_start + offset + window_right + 1, 0))
     if LIMIT_LEFT:
         lo = tl.maximum(0, m_start + offset - window_left)
         lo = (lo // BLOCK_N) * BLOCK_N
-    return lo, hi
+        first = tl.maximum(m_start + BLOCK_M - 1 + offset - window_left, 0)
+        full_lo = ((first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_range(n_start, seqlen_q, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT):
+    """Query tiles that see the key tile [n_start, n_start + BLOCK_N): (lo, full_lo, full_hi,
+    hi), as _key_range: interior query tiles see every key of the tile."""
+    lo = 0
+    hi = seqlen_q
+    full_lo = 0
+    full_hi = seqlen_q
+    if LIMIT_RIGHT:
+        lo = tl.maximum(0, n_start - offset - window_right)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        first = tl.maximum(n_start + BLOCK_N - 1 - offset - window_right, 0)
+        full_lo = ((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if LIMIT_LEFT:
+        hi = tl.minimum(hi, n_start + BLOCK_N - offset + window_left)
+        full_hi = (tl.maximum(n_start - offset + window_left + 1, 0) // BLOCK_M) * BLOCK_M
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    # A key tile that runs past the keys is an edge tile for every query tile. (Its missing
+    # keys' columns of P only reach their own, unstored rows of dK and dV, but unchecked they
+    # can overflow there.)
+    full_lo = tl.where(n_start + BLOCK_N <= seqlen_k, full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -130,6 +172,45 @@ def _seq_bounds(b, CU_Q, CU_K, SEQLENS_K, seqlen_q, seqlen_k, VARLEN: tl.constex
     if HAS_SEQLENS_K:
         seqlen_k = tl.load(SEQLENS_K + b)
     return q_row0, seqlen_q, k_row0, seqlen_k
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, m_i, l_i, q, k_base, v_base, start, end,
+    offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+    scale, softcap, slope, mask_base, sm_l, window_left, window_right,
+    seed, bh, rows_per_head, cols_per_row, dropout_p,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+):
+    """The online softmax over key tiles [start, end) (one step of BLOCK_N each)."""
+    for n_start in range(start, end, BLOCK_N):
+        cols = n_start + tl.arange(0, BLOCK_N)
+        n_ok = cols < seqlen_k
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=kv_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _t = _scores(
+            qk, pos_q, cols, seqlen_k, scale, softcap, slope,
+            mask_base + cols[None, :] * sm_l, m_ok[:, None] & n_ok[None, :],
+            window_left, window_right,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, CHECK_BOUNDS,
+        )
+        s = s * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps max -inf; exponentiate around 0 then.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, cols, rows_per_head, cols_per_row, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -173,7 +254,6 @@ def _attn_fwd(
     kvh = h // GROUPS
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     m_ok = offs_m < seqlen_q
@@ -194,31 +274,23 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(m_start, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
-    for n_start in range(lo, hi, BLOCK_N):
-        cols = n_start + offs_n
-        n_ok = cols < seqlen_k
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _t = _scores(
-            qk, pos_q, cols, seqlen_k, scale, softcap, slope,
-            mask_base + cols[None, :] * sm_l, m_ok[:, None] & n_ok[None, :],
-            window_left, window_right,
-            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT,
-        )
-        s = s * 1.4426950408889634
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps max -inf; exponentiate around 0 then.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, cols, rows_per_head, cols_per_row, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    lo, full_lo, full_hi, hi = _key_range(m_start, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
+    # Interior tiles first (no bounds checks), then the edge tiles on either side.
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, q, k_base, v_base, full_lo, full_hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False,
+    )
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, q, k_base, v_base, lo, full_lo, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
+    )
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, q, k_base, v_base, full_hi, hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
+    )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -255,10 +327,10 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _recompute_p(
-    q, k, offs_m, cols, pos_q, lse, m_ok, n_ok, seqlen_k, scale, softcap, slope,
+    q, k, cols, pos_q, lse, m_ok, n_ok, seqlen_k, scale, softcap, slope,
     mask_base, sm_l, window_left, window_right,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """P = exp(s - lse) for a (BLOCK_M, BLOCK_N) tile, and tanh(s/softcap)."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -266,7 +338,7 @@ def _recompute_p(
         qk, pos_q, cols, seqlen_k, scale, softcap, slope,
         mask_base + cols[None, :] * sm_l, m_ok[:, None] & n_ok[None, :],
         window_left, window_right,
-        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT,
+        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, CHECK_BOUNDS,
     )
     # Rows with no visible key have lse -inf and s -inf everywhere: P = 0 there.
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
@@ -283,6 +355,44 @@ def _grad_scores(p, dp, delta, t, keep, dropout_p, HAS_SOFTCAP: tl.constexpr, HA
     if HAS_SOFTCAP:
         ds = ds * (1.0 - t * t)
     return ds
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, cols, n_ok, start, end,
+    Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
+    sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
+    scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+):
+    """dK, dV of one key tile from the query tiles [start, end) of head h."""
+    for m_start in range(start, end, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seqlen_q
+        q_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b.to(tl.int64) * sq_b + h * sq_h + (q_row0 + offs_m[:, None]).to(tl.int64) * sq_s + offs_d[None, :], mask=q_ok, other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * sdo_b + h * sdo_h + (q_row0 + offs_m[:, None]).to(tl.int64) * sdo_s + offs_d[None, :], mask=q_ok, other=0.0)
+        lse_ptrs = b.to(tl.int64) * sl_b + h * sl_h + q_row0 + offs_m
+        lse = tl.load(LSE + lse_ptrs, mask=m_ok, other=float("-inf"))
+        delta = tl.load(DELTA + lse_ptrs, mask=m_ok, other=0.0)
+        mask_base = MASK + b.to(tl.int64) * sm_b + h * sm_h + offs_m[:, None].to(tl.int64) * sm_s
+        p, t = _recompute_p(
+            q, k, cols, offs_m + offset, lse, m_ok, n_ok, seqlen_k, scale, softcap, slope,
+            mask_base, sm_l, window_left, window_right,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, DOT_PRECISION, CHECK_BOUNDS,
+        )
+        keep = p > 0.0
+        p_used = p
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, cols, rows_per_head, cols_per_row, dropout_p)
+            p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = _grad_scores(p, dp, delta, t, keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -339,48 +449,69 @@ def _attn_bwd_dkdv(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    # Query rows that can see this key tile: pos_q - left <= col <= pos_q + right.
-    lo = 0
-    hi = seqlen_q
-    if LIMIT_RIGHT:
-        lo = tl.maximum(0, n_start - offset - window_right)
-        lo = (lo // BLOCK_M) * BLOCK_M
-    if LIMIT_LEFT:
-        hi = tl.minimum(hi, n_start + BLOCK_N - offset + window_left)
+    lo, full_lo, full_hi, hi = _query_range(n_start, seqlen_q, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     for g in range(0, GROUPS):
         h = kvh * GROUPS + g
         bh = b * (H_KV * GROUPS) + h
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * ss_b + h).to(tl.float32)
-        for m_start in range(lo, hi, BLOCK_M):
-            offs_m = m_start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < seqlen_q
-            q_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b.to(tl.int64) * sq_b + h * sq_h + (q_row0 + offs_m[:, None]).to(tl.int64) * sq_s + offs_d[None, :], mask=q_ok, other=0.0)
-            do = tl.load(DO + b.to(tl.int64) * sdo_b + h * sdo_h + (q_row0 + offs_m[:, None]).to(tl.int64) * sdo_s + offs_d[None, :], mask=q_ok, other=0.0)
-            lse_ptrs = b.to(tl.int64) * sl_b + h * sl_h + q_row0 + offs_m
-            lse = tl.load(LSE + lse_ptrs, mask=m_ok, other=float("-inf"))
-            delta = tl.load(DELTA + lse_ptrs, mask=m_ok, other=0.0)
-            mask_base = MASK + b.to(tl.int64) * sm_b + h * sm_h + offs_m[:, None].to(tl.int64) * sm_s
-            p, t = _recompute_p(
-                q, k, offs_m, cols, offs_m + offset, lse, m_ok, n_ok, seqlen_k, scale, softcap, slope,
-                mask_base, sm_l, window_left, window_right,
-                HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, DOT_PRECISION,
-            )
-            keep = p > 0.0
-            p_used = p
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, cols, rows_per_head, cols_per_row, dropout_p)
-                p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = _grad_scores(p, dp, delta, t, keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, cols, n_ok, full_lo, full_hi,
+            Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
+            sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
+            scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, False,
+        )
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, cols, n_ok, lo, full_lo,
+            Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
+            sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
+            scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, True,
+        )
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, cols, n_ok, full_hi, hi,
+            Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
+            sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
+            scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, True,
+        )
 
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * sdk_b + kvh * sdk_h + (k_row0 + cols[:, None]).to(tl.int64) * sdk_s + offs_d[None, :], to_output(dk, DK.dtype.element_ty, SOFTWARE_BF16), mask=kv_ok)
     tl.store(DV + b.to(tl.int64) * sdv_b + kvh * sdv_h + (k_row0 + cols[:, None]).to(tl.int64) * sdv_s + offs_d[None, :], to_output(dv, DV.dtype.element_ty, SOFTWARE_BF16), mask=kv_ok)
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, k_base, v_base, start, end,
+    offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+    scale, softcap, slope, mask_base, sm_l, window_left, window_right,
+    seed, bh, rows_per_head, cols_per_row, dropout_p,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+    LIMIT_LEFT: tl.constexpr, LIMIT_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+):
+    """dQ of one query tile from the key tiles [start, end)."""
+    for n_start in range(start, end, BLOCK_N):
+        cols = n_start + tl.arange(0, BLOCK_N)
+        n_ok = cols < seqlen_k
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_ok, other=0.0)
+        p, t = _recompute_p(
+            q, k, cols, pos_q, lse, m_ok, n_ok, seqlen_k, scale, softcap, slope,
+            mask_base, sm_l, window_left, window_right,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, DOT_PRECISION, CHECK_BOUNDS,
+        )
+        keep = p > 0.0
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, cols, rows_per_head, cols_per_row, dropout_p)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = _grad_scores(p, dp, delta, t, keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -425,7 +556,6 @@ def _attn_bwd_dq(
     kvh = h // GROUPS
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     m_ok = offs_m < seqlen_q
@@ -446,24 +576,23 @@ def _attn_bwd_dq(
         seed = tl.load(SEED)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(m_start, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
-    for n_start in range(lo, hi, BLOCK_N):
-        cols = n_start + offs_n
-        n_ok = cols < seqlen_k
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_ok, other=0.0)
-        p, t = _recompute_p(
-            q, k, offs_m, cols, offs_m + offset, lse, m_ok, n_ok, seqlen_k, scale, softcap, slope,
-            mask_base, sm_l, window_left, window_right,
-            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, DOT_PRECISION,
-        )
-        keep = p > 0.0
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, cols, rows_per_head, cols_per_row, dropout_p)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = _grad_scores(p, dp, delta, t, keep, dropout_p, HAS_SOFTCAP, HAS_DROPOUT)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    pos_q = offs_m + offset
+    lo, full_lo, full_hi, hi = _key_range(m_start, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, full_lo, full_hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False,
+    )
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, lo, full_lo, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
+    )
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, full_hi, hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
+    )
 
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * sdq_b + h * sdq_h + (q_row0 + offs_m[:, None]).to(tl.int64) * sdq_s + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, SOFTWARE_BF16), mask=q_ok)
@@ -538,7 +667,7 @@ def _attn_decode_split(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _t = _scores(
             qk, pos_q, cols, hi, scale, softcap, slope, None, None, window_left, window_right,
-            HAS_SOFTCAP, HAS_ALIBI, 0, LIMIT_LEFT, LIMIT_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, 0, LIMIT_LEFT, LIMIT_RIGHT, True,
         )
         s = s * 1.4426950408889634
         m_new = tl.maximum(m_i, tl.max(s, 1))
