@@ -175,6 +175,25 @@ def _seq_bounds(b, CU_Q, CU_K, SEQLENS_K, seqlen_q, seqlen_k, VARLEN: tl.constex
 
 
 @triton.jit
+def _row_tile_inputs(
+    K, V, SLOPES, MASK, SEED, b, h, kvh, k_row0, offs_m, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, ss_b, sm_b, sm_h, sm_s,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """What a query-tile program (forward, dQ) reads besides its queries: the bases of its
+    kv head's keys and values, its ALiBi slope, its rows of the mask, the dropout seed."""
+    k_base = K + b.to(tl.int64) * sk_b + kvh * sk_h + k_row0.to(tl.int64) * sk_s
+    v_base = V + b.to(tl.int64) * sv_b + kvh * sv_h + k_row0.to(tl.int64) * sv_s
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * ss_b + h).to(tl.float32)
+    mask_base = MASK + b.to(tl.int64) * sm_b + h * sm_h + offs_m[:, None].to(tl.int64) * sm_s
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    return k_base, v_base, slope, mask_base, seed
+
+
+@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, k_base, v_base, start, end,
     offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
@@ -261,15 +280,10 @@ def _attn_fwd(
 
     q_ptrs = Q + b.to(tl.int64) * sq_b + h * sq_h + (q_row0 + offs_m[:, None]).to(tl.int64) * sq_s + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * sk_b + kvh * sk_h + k_row0.to(tl.int64) * sk_s
-    v_base = V + b.to(tl.int64) * sv_b + kvh * sv_h + k_row0.to(tl.int64) * sv_s
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + b * ss_b + h).to(tl.float32)
-    mask_base = MASK + b.to(tl.int64) * sm_b + h * sm_h + offs_m[:, None].to(tl.int64) * sm_s
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    k_base, v_base, slope, mask_base, seed = _row_tile_inputs(
+        K, V, SLOPES, MASK, SEED, b, h, kvh, k_row0, offs_m, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, ss_b, sm_b, sm_h, sm_s,
+        HAS_ALIBI, HAS_DROPOUT,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -565,15 +579,10 @@ def _attn_bwd_dq(
     lse_ptrs = b.to(tl.int64) * sl_b + h * sl_h + q_row0 + offs_m
     lse = tl.load(LSE + lse_ptrs, mask=m_ok, other=float("-inf"))
     delta = tl.load(DELTA + lse_ptrs, mask=m_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * sk_b + kvh * sk_h + k_row0.to(tl.int64) * sk_s
-    v_base = V + b.to(tl.int64) * sv_b + kvh * sv_h + k_row0.to(tl.int64) * sv_s
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + b * ss_b + h).to(tl.float32)
-    mask_base = MASK + b.to(tl.int64) * sm_b + h * sm_h + offs_m[:, None].to(tl.int64) * sm_s
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    k_base, v_base, slope, mask_base, seed = _row_tile_inputs(
+        K, V, SLOPES, MASK, SEED, b, h, kvh, k_row0, offs_m, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, ss_b, sm_b, sm_h, sm_s,
+        HAS_ALIBI, HAS_DROPOUT,
+    )
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     pos_q = offs_m + offset
