@@ -7,8 +7,10 @@
 # Stages (default: all, in this order): build, info, test, bench. Each finishes in well
 # under 10 minutes and can be run alone; "bench" runs every benchmark family, each under its
 # own 10-minute limit, and "bench:<family>" (bench:norms, bench:attention) one of them. Results go to DIR (default
-# benchmarks/results/<gpu-name>/): build.log, info.txt, tests.log, and per benchmark
-# family <family>.json / .md / .png. Commit them with the versions they record.
+# benchmarks/results/<gpu-name>/): build.log, info.txt, tests.log, per benchmark family
+# <family>.json / .md / .png, and report.md / report.html / roofline.png over all of them.
+# Commit them with the versions they record, then regenerate the README's table:
+#   fuseformer report benchmarks/results/<gpu-name> --readme README.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +64,8 @@ for stage in "${stages[@]}"; do
       for family in $families; do
         (cd /tmp && timeout 560 $PY -m fuseformer.cli bench "$family" --out "$out") || status=1
       done
+      # One report over every family's results in the folder (also those of earlier stages).
+      (cd /tmp && $PY -m fuseformer.cli report "$out") || status=1
       ;;
   esac
   echo "gpu_suite: stage $stage took $(( $(date +%s) - start )) s"

@@ -74,19 +74,40 @@ def test_cli_info_runs():
     assert "rms_norm" in proc.stdout and "layer_norm" in proc.stdout
 
 
-def test_cli_bench_quick_writes_json_markdown_and_png(tmp_path):
+def test_cli_bench_quick_writes_results_and_report(tmp_path):
+    out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "fuseformer.cli", "bench", "norms", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        [sys.executable, "-m", "fuseformer.cli", "bench", "norms", "--quick", "--device", "cpu", "--out", str(out)],
         capture_output=True, text=True, cwd="/", timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    data = json.loads((tmp_path / "norms.json").read_text())
+    data = json.loads((out / "norms.json").read_text())
     impls = {r["impl"] for r in data["results"]}
     assert {"torch eager", "torch.compile"} <= impls
     timed = [r for r in data["results"] if r["time_ms"] is not None]
     assert timed and all(r["time_ms"] > 0 for r in timed)
-    assert (tmp_path / "norms.md").read_text().startswith("# fuseformer norms")
-    assert (tmp_path / "norms.png").stat().st_size > 1000
+    assert data["ceilings"]["copy_GBps"] > 0 and data["ceilings"]["matmul_TFLOPs_by_dtype"]["float32"] > 0
+    # A peer library that is not installed is named as missing, not dropped silently.
+    assert "liger-kernel" in data["missing_baselines"]
+    assert (out / "norms.md").read_text().startswith("# fuseformer norms")
+    assert (out / "norms.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## norms" in report and "Missing baselines: liger-kernel" in report
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert (out / "roofline.png").stat().st_size > 1000 and (out / "norms_speedup.png").stat().st_size > 1000
+
+    # The README's generated section is rebuilt from the results folder.
+    readme = tmp_path / "README.md"
+    from fuseformer.bench import report as report_module
+
+    begin, end = report_module.README_BEGIN.format(folder="out"), report_module.README_END.format(folder="out")
+    readme.write_text(f"intro\n{begin}\nstale\n{end}\nrest\n")
+    proc = subprocess.run([sys.executable, "-m", "fuseformer.cli", "report", str(out), "--readme", str(readme)],
+                          capture_output=True, text=True, cwd="/", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "stale" not in text
+    assert "| layer_norm fwd | 512x1024 | float32 |" in text
 
 
 def test_cli_rejects_unknown_family(tmp_path):

@@ -2,6 +2,7 @@
 
     fuseformer info                               versions, backends, defaults
     fuseformer bench [family ...] [--quick] [--out DIR] [--device cpu|cuda] [--dtype ...]
+    fuseformer report DIR [--readme README.md]    one report from a folder of results
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def _bench(args: argparse.Namespace) -> int:
     env = harness.environment(device)
     print(f"fuseformer bench on {env['device_name']} ({device}, {dtype_name}); results -> {out_dir}/")
     ceilings = harness.measure_ceilings(device, args.quick)
-    print(f"measured ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
-          f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_TFLOPs']:.1f} TFLOP/s")
+    rates = ", ".join(f"{d} {v:.1f}" for d, v in ceilings["matmul_TFLOPs_by_dtype"].items() if v)
+    print(f"measured ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul TFLOP/s {rates}")
     for name in families:
         module = family_module(name)
         cases = list(module.cases(device, dtype, args.quick))
@@ -45,8 +46,31 @@ def _bench(args: argparse.Namespace) -> int:
             rows = harness.run_cases(cases, device, args.quick, ceilings, lambda: progress.advance(task))
         title = f"fuseformer {name} on {env['device_name']} ({dtype_name})"
         harness.print_table(rows, title)
-        paths = harness.write_results(out_dir, name, rows, env, ceilings, title)
+        missing = module.missing_baselines(device) if hasattr(module, "missing_baselines") else {}
+        for baseline, why in missing.items():
+            print(f"{name}: baseline {baseline} is missing ({why})")
+        paths = harness.write_results(out_dir, name, rows, env, ceilings, title, missing)
         print("wrote " + ", ".join(str(p) for p in paths))
+    from fuseformer.bench import report
+
+    paths = report.write_report(out_dir)
+    print("report: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fuseformer.bench import report
+
+    folder = Path(args.folder)
+    try:
+        paths = report.write_report(folder)
+        if args.readme:
+            report.update_readme(Path(args.readme), folder)
+            paths.append(Path(args.readme))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fuseformer report: {exc}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -60,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="bench-out", help="folder for JSON, markdown and PNG results")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
     bench.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    rep = sub.add_parser("report", help="build report.md/html and plots from a folder of benchmark results")
+    rep.add_argument("folder", help="a folder with <family>.json results (fuseformer bench --out, the GPU suite)")
+    rep.add_argument("--readme", help="also regenerate this README's results section from them")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args)
     if args.command == "info":
         import fuseformer
 

@@ -112,6 +112,10 @@ def _dense_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]
                 )
                 flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
                 flops *= 3.5 if requires_grad else 1.0
+                # Ideal traffic: q, k, v read and o written once forward; backward reads q, k,
+                # v, o, dO and writes dq, dk, dv.
+                tensor_bytes = q.numel() * q.element_size()
+                traffic = tensor_bytes * (4 + (8 if requires_grad else 0))
                 fns = {f"fuseformer[{b}]": _ours(b, causal) for b in _kernel_backends(device)}
                 if device == "cuda":
                     fns.update({name: _sdpa(name, causal) for name in SDPA_BACKENDS})
@@ -126,7 +130,7 @@ def _dense_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]
                 op = "attention causal" if causal else "attention"
                 yield Case(
                     FAMILY, op, direction, (batch, heads, seqlen, head_dim), dtype,
-                    {name: _timed(fn, q, k, v, direction) for name, fn in fns.items()}, flops=flops,
+                    {name: _timed(fn, q, k, v, direction) for name, fn in fns.items()}, flops=flops, bytes=traffic,
                 )
 
 
@@ -154,7 +158,18 @@ def _decode_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case
         impls["torch eager"] = lambda: math_attention(q, k_cache, v_cache, scale=head_dim**-0.5)[0]
         cache_bytes = 2 * k_cache.numel() * k_cache.element_size()
         yield Case(FAMILY, "decode", "fwd", (batch, heads, kv_heads, cache_len, head_dim), dtype,
-                   {n: torch.no_grad()(fn) for n, fn in impls.items()}, bytes=cache_bytes, tokens=batch)
+                   {n: torch.no_grad()(fn) for n, fn in impls.items()}, bytes=cache_bytes,
+                   flops=4 * batch * heads * cache_len * head_dim, tokens=batch)
+
+
+def missing_baselines(device: str) -> dict[str, str]:
+    """Peer libraries this family compares against when installed, and why each is absent."""
+    missing = {}
+    if importlib.util.find_spec("flash_attn") is None:
+        missing["flash-attn"] = "not installed"
+    elif device != "cuda":
+        missing["flash-attn"] = "CUDA only"
+    return missing
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:

@@ -77,36 +77,64 @@ def time_ms(fn: Callable[[], Any], device: str, quick: bool) -> float:
 # ---- ceilings ----------------------------------------------------------------------------
 
 
-def measure_ceilings(device: str, quick: bool) -> dict[str, float]:
-    """Copy bandwidth (bytes read + written per second) and dense matmul throughput, measured
-    here, now: the denominators of "% of ceiling"."""
+def _matmul_tflops(dtype: torch.dtype, device: str, quick: bool) -> float | None:
+    """Dense matmul rate in ``dtype`` (fp8 through torch._scaled_mm, int8 through
+    torch._int_mm), or None where this torch/device has no such matmul."""
+    size = 8192 if device == "cuda" else (1024 if quick else 3072)
+    try:
+        if dtype == torch.float8_e4m3fn:
+            if device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+                return None
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype).t()
+            one = torch.ones((), device=device)
+            fn = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+        elif dtype == torch.int8:
+            a = torch.randint(-8, 8, (size, size), device=device, dtype=dtype)
+            b = torch.randint(-8, 8, (size, size), device=device, dtype=dtype)
+            fn = lambda: torch._int_mm(a, b)  # noqa: E731
+        else:
+            a = torch.randn(size, size, device=device, dtype=dtype)
+            b = torch.randn(size, size, device=device, dtype=dtype)
+            fn = lambda: a @ b  # noqa: E731
+        return 2 * size**3 / time_ms(fn, device, quick) / 1e9
+    except (RuntimeError, TypeError, AttributeError):
+        return None
+
+
+def measure_ceilings(device: str, quick: bool) -> dict[str, Any]:
+    """What the hardware does here, now, in this run: copy bandwidth (bytes read + written
+    per second) and the dense matmul rate per dtype: the denominators of "% of ceiling".
+    ``matmul_TFLOPs`` is the rate of the run's default dtype (bf16 on GPU, fp32 on CPU)."""
     if device == "cuda":
         n_bytes = 1 << 30
         src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda")
         dst = torch.empty_like(src)
-        copy_ms = time_ms(lambda: dst.copy_(src), device, quick)
-        size = 8192
-        a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-        mm_ms = time_ms(lambda: a @ b, device, quick)
-        del src, dst, a, b
-        return {
-            "copy_GBps": 2 * n_bytes / copy_ms / 1e6,
-            "matmul_TFLOPs": 2 * size**3 / mm_ms / 1e9,
-            "matmul_dtype": "bfloat16",
-        }
-    n = 1 << 26  # 256 MiB of float32: well past the caches
-    src = torch.randn(n)
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), device, quick)
-    size = 1024 if quick else 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    mm_ms = time_ms(lambda: a @ b, device, quick)
+        copy_gbps = 2 * n_bytes / time_ms(lambda: dst.copy_(src), device, quick) / 1e6
+        del src, dst
+        dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.int8)
+        default = torch.bfloat16
+    else:
+        n = 1 << 26  # 256 MiB of float32: well past the caches
+        src = torch.randn(n)
+        dst = torch.empty_like(src)
+        copy_gbps = 2 * n * 4 / time_ms(lambda: dst.copy_(src), device, quick) / 1e6
+        del src, dst
+        dtypes = (torch.float32, torch.bfloat16)
+        default = torch.float32
+    by_dtype = {dtype_name(d): _matmul_tflops(d, device, quick) for d in dtypes}
     return {
-        "copy_GBps": 2 * n * 4 / copy_ms / 1e6,
-        "matmul_TFLOPs": 2 * size**3 / mm_ms / 1e9,
-        "matmul_dtype": "float32",
+        "copy_GBps": copy_gbps,
+        "matmul_TFLOPs": by_dtype[dtype_name(default)],
+        "matmul_dtype": dtype_name(default),
+        "matmul_TFLOPs_by_dtype": by_dtype,
     }
+
+
+def matmul_ceiling(ceilings: dict[str, Any], dtype: str) -> float:
+    """The matmul rate a case in ``dtype`` is measured against (the default one if that
+    dtype's was not measured)."""
+    return (ceilings.get("matmul_TFLOPs_by_dtype") or {}).get(dtype) or ceilings["matmul_TFLOPs"]
 
 
 # ---- environment --------------------------------------------------------------------------
@@ -118,15 +146,13 @@ def environment(device: str) -> dict[str, Any]:
     facts = collect()
     env = {k: facts[k] for k in ("fuseformer", "python", "torch", "torch_cuda", "triton", "cpu", "cpu_threads")}
     env["device"] = device
-    env["device_name"] = torch.cuda.get_device_name(0) if device == "cuda" else (facts["cpu"] + " CPU")
+    env["cpu_model"] = _cpu_model()
+    env["device_name"] = torch.cuda.get_device_name(0) if device == "cuda" else f"{env['cpu_model']} ({facts['cpu_threads']} threads)"
     if device == "cuda":
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = None
+        fields = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
+        values = _nvidia_smi(fields)
+        names = ["driver", "clock_sm_MHz", "clock_sm_max_MHz", "clock_mem_MHz", "clock_mem_max_MHz", "power_limit_W"]
+        env.update(dict(zip(names, values or [None] * len(names))))
     # The GPU suite passes the commit in (a copied tree may have no .git).
     env["git_commit"] = os.environ.get("FUSEFORMER_GIT_COMMIT")
     if not env["git_commit"]:
@@ -137,6 +163,30 @@ def environment(device: str) -> dict[str, Any]:
             env["git_commit"] = None
     env["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_smi(fields: str) -> list[str] | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20,
+        ).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [v.strip() for v in out[0].split(",")] if out else None
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -185,6 +235,14 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
                 "peak_MiB": memory.get(name),
                 "error": errors.get(name),
             }
+            if case.bytes and case.flops:
+                # Memory- or compute-bound by where the op's arithmetic intensity falls
+                # against the measured ridge point (matmul rate / copy bandwidth).
+                ridge = matmul_ceiling(ceilings, row["dtype"]) * 1e3 / ceilings["copy_GBps"]
+                row["intensity"] = case.flops / case.bytes
+                row["bound"] = "memory" if row["intensity"] < ridge else "compute"
+            else:
+                row["bound"] = "memory" if case.bytes else "compute"
             t = times.get(name)
             if t is not None:
                 if case.bytes:
@@ -192,7 +250,7 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
                     row["pct_of_copy_bw"] = 100 * row["GBps"] / ceilings["copy_GBps"]
                 if case.flops:
                     row["TFLOPs"] = case.flops / t / 1e9
-                    row["pct_of_matmul"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
+                    row["pct_of_matmul"] = 100 * row["TFLOPs"] / matmul_ceiling(ceilings, row["dtype"])
                 if case.tokens:
                     row["tokens_per_s"] = case.tokens / t * 1e3
                 for base in baselines:
@@ -229,7 +287,7 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
     body = []
     for r in rows:
-        if r.get("TFLOPs"):
+        if r.get("TFLOPs") and r.get("bound") != "memory":
             throughput, pct = f"{r['TFLOPs']:.3g} TFLOP/s", _fmt(r.get("pct_of_matmul"), ".1f")
         elif r.get("GBps"):
             throughput, pct = f"{r['GBps']:.1f} GB/s", _fmt(r.get("pct_of_copy_bw"), ".1f")
@@ -292,7 +350,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "TFLOPs" if any(r.get("TFLOPs") for r in rows) else "GBps"
+    metric = "TFLOPs" if any(r.get("TFLOPs") and r.get("bound") != "memory" for r in rows) else "GBps"
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["op"], r["direction"], r["dtype"]), []).append(r)
@@ -322,12 +380,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(out_dir: Path, name: str, rows: list[dict], env: dict, ceilings: dict, title: str) -> list[Path]:
+def write_results(out_dir: Path, name: str, rows: list[dict], env: dict, ceilings: dict, title: str,
+                  missing: dict[str, str] | None = None) -> list[Path]:
+    """<name>.json (environment, ceilings, missing baselines, rows), .md and .png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
     md_path = out_dir / f"{name}.md"
     png_path = out_dir / f"{name}.png"
-    json_path.write_text(json.dumps({"environment": env, "ceilings": ceilings, "results": rows}, indent=1))
-    md_path.write_text(markdown(rows, env, ceilings, title))
+    data = {"environment": env, "ceilings": ceilings, "missing_baselines": missing or {}, "results": rows}
+    json_path.write_text(json.dumps(data, indent=1))
+    text = markdown(rows, env, ceilings, title)
+    if missing:
+        text += "\nMissing baselines: " + "; ".join(f"{k} ({v})" for k, v in missing.items()) + ".\n"
+    md_path.write_text(text)
     plot(rows, png_path, title)
     return [json_path, md_path, png_path]

@@ -3,6 +3,7 @@ forward and forward+backward, against PyTorch eager and torch.compile."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -84,8 +85,36 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                 streams_fwd = 4 if r is not None else 2
                 streams_bwd = 3 if r is None else 4
                 streams = streams_fwd + (streams_bwd if requires_grad else 0)
+                # Operation counts per element, for the roofline only (the ops are memory-bound):
+                # forward ~8 (center, square, two sums, scale, affine), backward ~12.
+                flops = rows * cols * (8 + (12 if requires_grad else 0))
                 eager = _eager(op)
                 impls = {f"fuseformer[{b_}]": _timed(_ours(op, b_), tensors, direction) for b_ in _kernel_backends(device)}
+                liger = _liger(op) if device == "cuda" else None
+                if liger is not None:
+                    impls["liger-kernel"] = _timed(liger, tensors, direction)
                 impls["torch eager"] = _timed(eager, tensors, direction)
                 impls["torch.compile"] = _timed(torch.compile(eager, dynamic=False), tensors, direction)
-                yield Case(FAMILY, op, direction, (rows, cols), dtype, impls, bytes=streams * rows * cols * elt)
+                yield Case(FAMILY, op, direction, (rows, cols), dtype, impls, bytes=streams * rows * cols * elt, flops=flops)
+
+
+def _liger(op: str):
+    """Liger-Kernel's Triton norm for ``op``, or None (not installed, or no such op)."""
+    try:
+        from liger_kernel.transformers import functional as liger
+    except ImportError:
+        return None
+    if op == "layer_norm":
+        return lambda x, r, w, b: liger.liger_layer_norm(x, w, b, 1e-5)
+    if op == "rms_norm":
+        return lambda x, r, w, b: liger.liger_rms_norm(x, w, 1e-6)
+    return None  # no fused residual form
+
+
+def missing_baselines(device: str) -> dict[str, str]:
+    """Peer libraries this family compares against when installed, and why each is absent."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return {"liger-kernel": "not installed"}
+    if device != "cuda":
+        return {"liger-kernel": "CUDA only"}
+    return {}
