@@ -1,0 +1,73 @@
+"""Regression benchmarks of the C++ CPU kernels (pytest-benchmark; see conftest.py). The
+shapes are the small end of `fuseformer bench`: a run takes about a minute on 2 cores."""
+
+import pytest
+import torch
+
+import fuseformer
+
+pytest.importorskip("pytest_benchmark")
+if "cpu" not in fuseformer.available_backends("cpu"):
+    pytest.skip("the C++ extension is not built here", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _forced(fn):
+    def run(*args):
+        with fuseformer.use_backend("cpu"):
+            return fn(*args)
+
+    return run
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_forward(benchmark, op):
+    x, w, b = torch.randn(4096, 1024), torch.randn(1024), torch.randn(1024)
+    if op == "layer_norm":
+        fn = _forced(lambda: fuseformer.ops.layer_norm(x, (1024,), w, b))
+    else:
+        fn = _forced(lambda: fuseformer.ops.rms_norm(x, (1024,), w))
+    with torch.no_grad():
+        benchmark(fn)
+
+
+def test_add_rms_norm_forward_backward(benchmark):
+    x = torch.randn(2048, 1024, requires_grad=True)
+    r = torch.randn(2048, 1024, requires_grad=True)
+    w = torch.randn(1024, requires_grad=True)
+    grads = (torch.randn(2048, 1024), torch.randn(2048, 1024))
+
+    def step():
+        out = fuseformer.ops.add_rms_norm(x, r, (1024,), w)
+        return torch.autograd.grad(out, (x, r, w), grads)
+
+    benchmark(_forced(step))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_forward(benchmark, causal):
+    q, k, v = (torch.randn(2, 8, 512, 64) for _ in range(3))
+    with torch.no_grad():
+        benchmark(_forced(lambda: fuseformer.ops.attention(q, k, v, is_causal=causal)))
+
+
+def test_attention_forward_backward(benchmark):
+    q, k, v = (torch.randn(2, 8, 512, 64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 8, 512, 64)
+
+    def step():
+        return torch.autograd.grad(fuseformer.ops.attention(q, k, v, is_causal=True), (q, k, v), grad)
+
+    benchmark(_forced(step))
+
+
+def test_attention_decode_gqa(benchmark):
+    q = torch.randn(4, 16, 1, 64)
+    k_cache, v_cache = torch.randn(4, 4, 4096, 64), torch.randn(4, 4, 4096, 64)
+    seqlens = torch.full((4,), 4096, dtype=torch.int32)
+    with torch.no_grad():
+        benchmark(_forced(lambda: fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, seqlens)))
