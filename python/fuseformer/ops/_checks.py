@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -36,3 +36,21 @@ def shape_tuple(shape: int | Iterable[int] | torch.Size, name: str, op: str) -> 
     if not result or any(s <= 0 for s in result):
         raise ValueError(f"{op}: {name} must be a non-empty sequence of positive sizes, got {result}")
     return result
+
+
+def values_hold(condition: torch.Tensor, message: str | Callable[[], str]) -> None:
+    """Raise ValueError(message) unless every element of ``condition`` is true: checks on the
+    *values* of index tensors (sequence lengths, offsets) that would otherwise send a kernel
+    out of bounds. On CUDA they must not wait for the GPU (a sync per decode step costs more
+    than the step), so there ``torch._assert_async`` stops the stream with the message (a
+    device-side assert) instead. Skipped while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    if condition.device.type == "cuda":
+        text = message if isinstance(message, str) else "fuseformer: index values out of range"
+        try:
+            torch._assert_async(condition.all(), text)
+        except TypeError:  # torch without the message argument
+            torch._assert_async(condition.all())
+    elif not bool(condition.all()):
+        raise ValueError(message if isinstance(message, str) else message())

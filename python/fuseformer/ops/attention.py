@@ -552,18 +552,18 @@ def attention_varlen(
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
-    if not torch.compiler.is_compiling():
-        # Offsets that run past the tensors would read out of bounds: check them here.
-        for name, cu, total, longest in (
-            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
-        ):
-            lengths = cu.diff()
-            if cu[0].item() != 0 or (lengths < 0).any() or cu[-1].item() > total or lengths.max().item() > longest:
-                raise ValueError(
-                    f"{op}: {name} must start at 0, not decrease, end at most at {total} (rows of the "
-                    f"tensor) and hold no sequence longer than {longest} (the max_seqlen given)"
-                )
+    # Offsets that run past the tensors would read out of bounds; a sequence longer than the
+    # max_seqlen given would be cut short.
+    for name, cu, total, longest in (
+        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+    ):
+        lengths = cu.diff()
+        _checks.values_hold(
+            (cu[:1] == 0) & (cu[-1:] <= total) & (lengths >= 0).all() & (lengths <= longest).all(),
+            f"{op}: {name} must start at 0, not decrease, end at most at {total} (rows of the "
+            f"tensor) and hold no sequence longer than {longest} (the max_seqlen given)",
+        )
     dropout_p, scale, window, softcap, alibi_slopes = _check_options(
         op, q, q.shape[1], batch, dropout_p, scale, window, softcap, alibi_slopes, causal_variant
     )
@@ -667,12 +667,11 @@ def attention_with_kv_cache(
         if k_new.shape[2] != v_new.shape[2]:
             raise ValueError(f"{op}: k_new and v_new must hold the same number of tokens")
         appended = k_new.shape[2]
-    if not torch.compiler.is_compiling():
-        if (cache_seqlens < 0).any() or (cache_seqlens + appended > max_k).any():
-            raise ValueError(
-                f"{op}: cache_seqlens (+ {appended} new tokens) must lie in [0, {max_k}] (L_max of the cache); "
-                f"got {cache_seqlens.tolist()}"
-            )
+    _checks.values_hold(
+        (cache_seqlens >= 0) & (cache_seqlens <= max_k - appended),
+        lambda: f"{op}: cache_seqlens (+ {appended} new tokens) must lie in [0, {max_k}] (L_max of the cache); "
+        f"got {cache_seqlens.tolist()}",
+    )
     dropout_p, scale, window, softcap, alibi_slopes = _check_options(
         op, q, heads, batch, 0.0, scale, window, softcap, alibi_slopes, "lower_right"
     )
