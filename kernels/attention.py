@@ -38,13 +38,8 @@ import triton.language as tl
 from .rounding import software_bf16, to_output
 
 LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 256)  # inclusive range; any size in it (padded to a power of 2)
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-
-
-def _interpreting() -> bool:
-    return software_bf16()
 
 
 @triton.jit
