@@ -757,6 +757,14 @@ _DQ_TILES = {
     256: [(64, 32, 4, 2), (32, 32, 4, 1), (64, 64, 8, 1)],
 }
 _INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# float32 inputs take full-precision (non-tensor-core) dots: large tiles need more shared
+# memory than a GPU has (362 KB for dK/dV at 128x64, D 128) and minutes to compile, so they
+# get small fixed tiles (compiled for sm_90 and sm_80 with benchmarks/compile_triton_aot.py).
+_FP32_TILES = {
+    "fwd": {64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (32, 32, 4, 1)},
+    "dkdv": {64: (32, 64, 4, 1), 128: (32, 64, 4, 1), 256: (32, 32, 4, 1)},
+    "dq": {64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (32, 32, 4, 1)},
+}
 _TILES = {"fwd": _FWD_TILES, "dkdv": _DKDV_TILES, "dq": _DQ_TILES}
 
 
@@ -783,6 +791,8 @@ def _launch(kind: str, block_d: int, device: torch.device, grid_of, *args, **con
     kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
     if device.type != "cuda":
         m, n, w, st = _INTERPRETER_TILES[kind]
+    elif constexprs["DOT_PRECISION"] == "ieee":
+        m, n, w, st = _FP32_TILES[kind][_d_class(block_d)]
     elif _autotune_enabled():
         _tuned(kind, _d_class(block_d))[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
         return

@@ -1,0 +1,108 @@
+"""Compile the attention Triton kernels for a GPU target on a machine without a GPU.
+
+    python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles]
+
+Triton compiles ahead of time for an explicit target (sm_90, sm_80) without a device, so
+this catches what the interpreter cannot: compile errors in the real lowering, and tile
+configs whose shared memory exceeds the GPU's (the untuned default of each kernel must fit;
+autotuning skips the others at run time). It prints each kernel, dtype, head-dim class, tile
+config, compile time and shared memory against the per-block limit. Exit status 1 if a
+default config fails to compile or does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import attention as A  # noqa: E402  (the source tree's kernels)
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
+KERNELS = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}
+INT_ARGS = (
+    "H H_KV GROUPS seqlen_q seqlen_k head_dim window_left window_right rows_per_head cols_per_row".split()
+)
+FLOAT_ARGS = ("scale", "softcap", "dropout_p")
+DATA_ARGS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in DATA_ARGS:
+            sig[name] = f"*{dtype}"
+        elif name in ("LSE", "DELTA", "SLOPES"):
+            sig[name] = "*fp32"
+        elif name == "MASK":
+            sig[name] = "*i1"
+        elif name == "SEED":
+            sig[name] = "*i64"
+        elif name in ("CU_Q", "CU_K", "SEQLENS_K"):
+            sig[name] = "*i32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:  # strides and sizes
+            sig[name] = "i32"
+    return sig
+
+
+def constexprs(dtype: str, block_d: int, tiles, everything: bool) -> dict:
+    m, n, _w, _s = tiles
+    flags = dict(IS_LOWER_RIGHT=False, VARLEN=False, HAS_SEQLENS_K=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                 MASK_KIND=0, LIMIT_LEFT=False, LIMIT_RIGHT=False, HAS_DROPOUT=False)
+    if everything:  # every feature at once: the largest kernel
+        flags.update(IS_LOWER_RIGHT=True, VARLEN=True, HAS_SOFTCAP=True, HAS_ALIBI=True, MASK_KIND=2,
+                     LIMIT_LEFT=True, LIMIT_RIGHT=True, HAS_DROPOUT=True)
+    return dict(flags, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", SOFTWARE_BF16=False,
+                BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--all-tiles", action="store_true", help="every autotune candidate, not only the defaults")
+    args = parser.parse_args()
+    failed = False
+    for arch in args.arch:
+        target = GPUTarget("cuda", arch, 32)
+        for kind, fn in KERNELS.items():
+            for dtype in ("fp16", "bf16", "fp32"):
+                for d_class in (64, 128, 256):
+                    if dtype == "fp32":
+                        candidates = [A._FP32_TILES[kind][d_class]]
+                    else:
+                        candidates = A._TILES[kind][d_class] if args.all_tiles else A._TILES[kind][d_class][:1]
+                    for i, tiles in enumerate(candidates):
+                        default = i == 0
+                        consts = constexprs(dtype, d_class, tiles, everything=default)
+                        start = time.time()
+                        try:
+                            kernel = triton.compile(
+                                ASTSource(fn, signature(fn, dtype, consts), constexprs=consts), target=target,
+                                options={"num_warps": tiles[2], "num_stages": tiles[3]},
+                            )
+                        except Exception as exc:  # noqa: BLE001 - report every failure
+                            print(f"FAIL  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}: {type(exc).__name__}: {str(exc)[:200]}")
+                            failed |= default
+                            continue
+                        shared = kernel.metadata.shared
+                        fits = shared <= SHARED_LIMIT[arch]
+                        failed |= default and not fits
+                        print(f"{'ok  ' if fits else 'BIG '}  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}"
+                              f"{' default' if default else ''}: {time.time() - start:5.1f} s, shared {shared} B"
+                              f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
