@@ -27,9 +27,6 @@ from kernels import attention as A  # noqa: E402  (the source tree's kernels)
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
 KERNELS = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}
-INT_ARGS = (
-    "H H_KV GROUPS seqlen_q seqlen_k head_dim window_left window_right rows_per_head cols_per_row".split()
-)
 FLOAT_ARGS = ("scale", "softcap", "dropout_p")
 DATA_ARGS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")
 
@@ -41,7 +38,7 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in DATA_ARGS:
             sig[name] = f"*{dtype}"
-        elif name in ("LSE", "DELTA", "SLOPES"):
+        elif name in ("LSE", "DELTA", "SLOPES", "PART_O", "PART_LSE"):
             sig[name] = "*fp32"
         elif name == "MASK":
             sig[name] = "*i1"
@@ -101,7 +98,33 @@ def main() -> int:
                         print(f"{'ok  ' if fits else 'BIG '}  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}"
                               f"{' default' if default else ''}: {time.time() - start:5.1f} s, shared {shared} B"
                               f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
+    for arch in args.arch:
+        failed |= not compile_decode(GPUTarget("cuda", arch, 32))
     return 1 if failed else 0
+
+
+def compile_decode(target) -> bool:
+    """The split-K decode kernels (fp16/bf16, D 64/128/256, a 16-row tile), all features on."""
+    ok = True
+    for dtype in ("fp16", "bf16"):
+        for block_d in (64, 128, 256):
+            split = dict(HAS_SOFTCAP=True, HAS_ALIBI=True, LIMIT_LEFT=True, LIMIT_RIGHT=True, DOT_PRECISION="tf32",
+                         BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=64 if block_d <= 128 else 32)
+            combine = dict(SOFTWARE_BF16=False, BLOCK_D=block_d, BLOCK_S=32)
+            for fn, consts in ((A._attn_decode_split, split), (A._attn_decode_combine, combine)):
+                sig = signature(fn, dtype, consts)
+                if fn is A._attn_decode_combine:
+                    sig["O"] = f"*{dtype}"
+                start = time.time()
+                try:
+                    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+                                            options={"num_warps": 4, "num_stages": 2})
+                    print(f"ok    sm_{target.arch} {fn.fn.__name__} {dtype} D{block_d}: {time.time() - start:5.1f} s, "
+                          f"shared {kernel.metadata.shared} B")
+                except Exception as exc:  # noqa: BLE001
+                    print(f"FAIL  sm_{target.arch} {fn.fn.__name__} {dtype} D{block_d}: {type(exc).__name__}: {str(exc)[:200]}")
+                    ok = False
+    return ok
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def _dense_shapes(device: str, quick: bool) -> list[tuple[int, int, bool]]:
     return [(256, 64, True)] if quick else [(512, 64, True), (1024, 64, True), (2048, 128, True)]
 
 
-def _kernel_backends(device: str) -> list[str]:
-    return [b for b in backends.available_backends(device) if b != "torch" and b in backends.IMPLEMENTED["attention"]]
+def _kernel_backends(device: str, family: str = "attention") -> list[str]:
+    return [b for b in backends.available_backends(device) if b != "torch" and b in backends.IMPLEMENTED[family]]
 
 
 def _sdpa(name: str, causal: bool):
@@ -149,7 +149,7 @@ def _decode_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case
         v_cache = torch.randn_like(k_cache)
         seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
         impls = {}
-        for b in _kernel_backends(device):
+        for b in _kernel_backends(device, "attention_decode"):
             def ours(b=b):
                 with fuseformer.use_backend(b):
                     return fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, seqlens)
