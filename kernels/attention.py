@@ -255,6 +255,10 @@ def _attn_fwd(
     BLOCK_N: tl.constexpr,
 ):
     m_block = tl.program_id(0)
+    if LIMIT_RIGHT:
+        # Causal: the last query tiles see the most keys; launch them first, so the
+        # short ones fill the tail of the grid.
+        m_block = tl.num_programs(0) - 1 - m_block
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -552,6 +556,10 @@ def _attn_bwd_dq(
     BLOCK_N: tl.constexpr,
 ):
     m_block = tl.program_id(0)
+    if LIMIT_RIGHT:
+        # Causal: the last query tiles see the most keys; launch them first, so the
+        # short ones fill the tail of the grid.
+        m_block = tl.num_programs(0) - 1 - m_block
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
