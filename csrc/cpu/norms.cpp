@@ -265,7 +265,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
   }
   const at::Tensor mean = mean_.contiguous();
   const at::Tensor rstd = rstd_.contiguous();
-  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(dims.rows, 1));
+  // One chunk per thread, but only as many as there is work for (a thread wake-up and a
+  // partial row each cost more than a small tensor's whole backward).
+  const int64_t work_chunks = std::max<int64_t>(1, dims.rows * dims.cols / 32768);
+  const int64_t chunks = std::min<int64_t>({at::get_num_threads(), std::max<int64_t>(dims.rows, 1), work_chunks});
   auto float_opts = input.options().dtype(at::kFloat);
   at::Tensor dw_partial =
       weight.has_value() ? at::zeros({chunks, dims.cols}, float_opts) : at::Tensor();
@@ -282,8 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
         db_partial.defined() ? db_partial.data_ptr<float>() : nullptr, chunks, dims.rows,
         dims.cols, rms);
   });
-  at::Tensor grad_weight = weight.has_value() ? dw_partial.sum(0) : norms::empty_marker(input);
-  at::Tensor grad_bias = has_bias ? db_partial.sum(0) : norms::empty_marker(input);
+  auto reduce = [&](const at::Tensor& partial) { return chunks == 1 ? partial[0] : partial.sum(0); };
+  at::Tensor grad_weight = weight.has_value() ? reduce(dw_partial) : norms::empty_marker(input);
+  at::Tensor grad_bias = has_bias ? reduce(db_partial) : norms::empty_marker(input);
   return {grad_input, grad_weight, grad_bias};
 }
 

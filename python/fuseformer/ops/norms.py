@@ -16,8 +16,9 @@ Backend limits on the normalized size N (the product of normalized_shape): "trit
 and "cuda" take 1 <= N <= MAX_NORMALIZED_SIZE (2**20, the largest size tested); "torch" has
 no limit of its own.
 
-Registered ops: "fuseformer::norm_fwd" / "fuseformer::norm_bwd" (C++, CPU and CUDA kernels)
-and "fuseformer::triton_norm_fwd" / "fuseformer::triton_norm_bwd" (Triton). Each has a fake
+Registered ops: "fuseformer::norm_fwd" / "fuseformer::norm_bwd" (C++, CPU and CUDA kernels;
+autograd in C++, csrc/autograd/norms.cpp) and "fuseformer::triton_norm_fwd" /
+"fuseformer::triton_norm_bwd" (Triton; autograd registered here). Each has a fake
 implementation, and each forward its autograd formula (the matching backward op).
 """
 
@@ -137,7 +138,8 @@ _register("fuseformer::triton_norm_fwd", _triton_norm_bwd)
 if _extension.loaded():
     torch.library.register_fake("fuseformer::norm_fwd")(_norm_fwd_fake)
     torch.library.register_fake("fuseformer::norm_bwd")(_norm_bwd_fake)
-    _register("fuseformer::norm_fwd", torch.ops.fuseformer.norm_bwd.default)
+    # The C++ op's autograd is registered in C++ (csrc/autograd/norms.cpp): no Python on the
+    # hot path of a training step.
 
 
 def _fwd_op(backend: str):
