@@ -196,15 +196,19 @@ def test_features(poison_outputs, backend, device, variant, shape):
 
 
 @st.composite
-def attention_problems(draw):
-    """A random shape (sizes 1 to 70, tile remainders, GQA) and a random mix of options."""
+def attention_problems(draw, compiled: bool = False):
+    """A random shape (sizes 1 to 70, tile remainders, GQA) and a random mix of options.
+    ``compiled``: for a GPU, where every new dtype / head-dim class / option mix is a new
+    Triton compile (seconds each), fewer of them: fp16 and two head dims."""
+    head_dims = [40, 64] if compiled else [16, 24, 40, 64, 72]
+    dtypes = [torch.float16] if compiled else [torch.float16, torch.float32]
     shape = (
         draw(st.integers(1, 2)),  # batch
         0,  # heads: kv heads x group, below
         draw(st.integers(1, 3)),  # kv heads
         draw(st.integers(1, 70)),  # seqlen_q
         draw(st.integers(1, 70)),  # seqlen_k
-        draw(st.sampled_from([16, 24, 40, 64, 72])),  # head dim (the Triton range starts at 16)
+        draw(st.sampled_from(head_dims)),  # head dim (the Triton range starts at 16)
     )
     shape = (shape[0], shape[2] * draw(st.sampled_from([1, 2, 3])), *shape[2:])
     kwargs = {}
@@ -217,13 +221,10 @@ def attention_problems(draw):
     if draw(st.booleans()):
         kwargs["softcap"] = draw(st.sampled_from([1.0, 5.0]))
     mask = draw(st.sampled_from(["none", "bool", "float"]))
-    return shape, kwargs, mask, draw(st.sampled_from([torch.float16, torch.float32])), draw(st.booleans())
+    return shape, kwargs, mask, draw(st.sampled_from(dtypes)), draw(st.booleans())
 
 
-@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(problem=attention_problems(), seed=st.integers(0, 2**31 - 1))
-def test_fuzzed_shapes_and_options(backend, device, problem, seed):
+def _check_fuzzed(backend, device, problem, seed):
     shape, kwargs, mask_kind, dtype, alibi = problem
     torch.manual_seed(seed)
     batch, heads, _, seqlen_q, seqlen_k, _ = shape
@@ -235,6 +236,24 @@ def test_fuzzed_shapes_and_options(backend, device, problem, seed):
         kwargs = {**kwargs, "attn_mask": torch.randn(1, heads, seqlen_q, seqlen_k, device=device)}
     q, k, v = make_qkv(shape, dtype, device)
     check_attention(backend, q, k, v, kwargs)
+
+
+CPU_PAIRS = [(b, d) for b, d in PAIRS if d == "cpu"]
+CUDA_PAIRS = [(b, d) for b, d in PAIRS if d == "cuda"]
+
+
+@pytest.mark.parametrize("backend,device", CPU_PAIRS, ids=[f"{b}-{d}" for b, d in CPU_PAIRS])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=attention_problems(), seed=st.integers(0, 2**31 - 1))
+def test_fuzzed_shapes_and_options(backend, device, problem, seed):
+    _check_fuzzed(backend, device, problem, seed)
+
+
+@pytest.mark.parametrize("backend,device", CUDA_PAIRS, ids=[f"{b}-{d}" for b, d in CUDA_PAIRS])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=attention_problems(compiled=True), seed=st.integers(0, 2**31 - 1))
+def test_fuzzed_shapes_and_options_on_gpu(backend, device, problem, seed):
+    _check_fuzzed(backend, device, problem, seed)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
