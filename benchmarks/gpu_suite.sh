@@ -66,6 +66,8 @@ for stage in "${stages[@]}"; do
       done
       # One report over every family's results in the folder (also those of earlier stages).
       (cd /tmp && $PY -m fuseformer.cli report "$out") || status=1
+      # Host time per layer of a norm call (launcher, custom op, autograd, module).
+      [ "$stage" = bench ] && { timeout 120 $PY benchmarks/profile_overhead.py >"$out/overhead.txt" 2>&1 || status=1; }
       ;;
   esac
   echo "gpu_suite: stage $stage took $(( $(date +%s) - start )) s"
