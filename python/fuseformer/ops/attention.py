@@ -183,21 +183,6 @@ def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, *_args):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _cpp_setup_context(ctx, inputs, output):
-    q, k, v, mask, slopes, seqlens_k, *options = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, slopes, seqlens_k)
-    ctx.options = options
-
-
-def _cpp_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, mask, slopes, seqlens_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fuseformer.attention_bwd.default(
-        grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seqlens_k, *ctx.options
-    )
-    return dq, dk, dv, *([None] * 8)
-
-
 def _cpp_decode_fake(q, k_cache, v_cache, seqlens_k, *_args):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -206,9 +191,7 @@ if _extension.loaded():
     torch.library.register_fake("fuseformer::attention_decode")(_cpp_decode_fake)
     torch.library.register_fake("fuseformer::attention_fwd")(_cpp_fwd_fake)
     torch.library.register_fake("fuseformer::attention_bwd")(_cpp_bwd_fake)
-    torch.library.register_autograd(
-        "fuseformer::attention_fwd", _cpp_backward, setup_context=_cpp_setup_context
-    )
+    # The C++ op's autograd is registered in C++ (csrc/autograd/attention.cpp).
 
 
 def _additive_mask(attn_mask: Tensor | None, shape) -> Tensor | None:
