@@ -36,9 +36,10 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)},
     "rms_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Attention (dense and packed): the Triton flash kernels on CUDA (not yet measured on a
-    # GPU). On CPU (benchmarks/results/cpu/attention.md) the C++ kernels are 1.15-1.5x SDPA
-    # causal and 0.93-1.0x non-causal, so plain non-causal calls stay on SDPA
-    # (ops/attention.py) and everything else takes the C++ kernels.
+    # GPU). On CPU (benchmarks/results/cpu/attention.md) the C++ kernels are 1.1-1.7x SDPA
+    # causal and 0.95-1.09x non-causal, and lose below ~128x128 scores per head, so calls
+    # SDPA can run that are non-causal or that small stay on SDPA (ops/attention.py) and
+    # everything else takes the C++ kernels.
     "attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # KV-cache decode: split-K Triton on CUDA. On CPU the C++ kernel packs a GQA group's
     # queries into one tile: 1.06-2.3x SDPA with GQA, 0.66-0.84x without (one query row per

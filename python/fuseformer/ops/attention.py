@@ -287,11 +287,23 @@ def math_attention(
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
+# Below this many scores per head (S x L) the C++ CPU kernels lose to SDPA (measured:
+# S = L = 64 causal fwd+bwd 562 vs 436 us, 128: 1704 vs 1825 us; benchmarks/NOTES.md).
+CPU_SDPA_BELOW_SCORES = 128 * 128
+
+
+def _sdpa_can_run(mask, slopes, softcap, window, lower_right, need_lse, seqlen_q, seqlen_k) -> bool:
+    """Whether F.scaled_dot_product_attention computes this call: no extension, and at most
+    a causal mask SDPA can express (upper-left, or lower-right with S == L)."""
+    plain = mask is None and slopes is None and softcap == 0 and window[0] < 0 and not need_lse
+    causal_only = window[1] == 0 and (not lower_right or seqlen_q == seqlen_k)
+    return plain and (window[1] < 0 or causal_only)
+
+
 def _torch_attention(q, k, v, mask, scale, window, softcap, slopes, lower_right, dropout_p, need_lse):
     """The "torch" backend: SDPA when the call needs nothing SDPA lacks, else the math path."""
-    plain = mask is None and slopes is None and softcap == 0 and window[0] < 0 and not need_lse
-    causal_only = window[1] == 0 and (not lower_right or q.shape[-2] == k.shape[-2])
-    if plain and (window[1] < 0 or causal_only) and q.dtype != torch.float64:
+    sdpa = _sdpa_can_run(mask, slopes, softcap, window, lower_right, need_lse, q.shape[-2], k.shape[-2])
+    if sdpa and q.dtype != torch.float64:
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=window[1] == 0, scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],
@@ -481,9 +493,13 @@ def attention(
     backend = _kernel_backend(
         "attention", q, op, v.shape[-1], mask is not None and mask.requires_grad and torch.is_grad_enabled(), dropout_p
     )
-    plain = mask is None and alibi_slopes is None and softcap == 0 and window == (-1, -1) and not return_lse
-    if backend == "cpu" and plain and backends.forced_backend() is None:
-        backend = "torch"  # SDPA's CPU flash path is as fast or faster there (backends.DEFAULTS)
+    if backend == "cpu" and backends.forced_backend() is None and _sdpa_can_run(
+        mask, alibi_slopes, softcap, window, lower_right, return_lse, seqlen_q, seqlen_k
+    ):
+        # SDPA's CPU flash path is as fast or faster for non-causal calls and below ~128x128
+        # scores (calls too small to amortize our per-call cost); backends.DEFAULTS.
+        if window[1] < 0 or seqlen_q * seqlen_k < CPU_SDPA_BELOW_SCORES:
+            backend = "torch"
     if backend == "torch":
         out, lse = _torch_attention(q, k, v, mask, scale, window, softcap, alibi_slopes, lower_right, dropout_p, return_lse)
     elif backend == "cpu":
