@@ -71,7 +71,7 @@ def test_info_reports_versions_backends_and_defaults():
 def test_cli_info_runs():
     proc = subprocess.run([sys.executable, "-m", "fuseformer.cli", "info"], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
-    assert "rms_norm" in proc.stdout and "layer_norm" in proc.stdout
+    assert all(family in proc.stdout for family in ("rms_norm", "layer_norm", "attention", "attention_decode"))
 
 
 def test_cli_bench_quick_writes_results_and_report(tmp_path):
