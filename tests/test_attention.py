@@ -412,6 +412,41 @@ def test_varlen_matches_each_sequence_alone(poison_outputs, backend, device, kwa
         assert_matches_reference(f"dv[{b}]", grads[2][rk].transpose(0, 1)[None], want[2], lp[2])
 
 
+@pytest.mark.parametrize("backend,device", TRITON_PAIRS, ids=TRITON_IDS)
+def test_varlen_dropout_matches_reference_with_the_kernels_mask(backend, device):
+    """Packed sequences draw the mask of the padded (B, H, max_q, max_k) layout: sequence b
+    uses its top-left corner. Forward and backward against the reference with that mask."""
+    # (No short sequence: the first query sees a single key, whose dQ cancels to exactly 0
+    # and leaves float rounding that a short sequence's small dQ cannot absorb.)
+    lengths_q, lengths_k, heads, head_dim, p = [7, 30, 12], [9, 25, 14], 2, 32, 0.25
+    q, cu_q = pack(lengths_q, heads, head_dim, torch.float16, device)
+    k, cu_k = pack(lengths_k, heads, head_dim, torch.float16, device)
+    v, _ = pack(lengths_k, heads, head_dim, torch.float16, device)
+    torch.manual_seed(99)
+    seed = _draw_seed(q.device)
+    keep = attention_kernels.dropout_keep_mask(seed, len(lengths_q), heads, max(lengths_q), max(lengths_k), p)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(99)
+    with fuseformer.use_backend(backend):
+        out = fuseformer.ops.attention_varlen(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), dropout_p=p, is_causal=True)
+    grad_out = torch.randn_like(out)
+    grads = grads_of(out, leaves, grad_out)
+    for b, (lq, lk) in enumerate(zip(lengths_q, lengths_k)):
+        rq, rk = slice(cu_q[b].item(), cu_q[b + 1].item()), slice(cu_k[b].item(), cu_k[b + 1].item())
+        dense = [t.transpose(0, 1)[None] for t in (q[rq], k[rk], v[rk])]
+        kw = dict(scale=head_dim**-0.5, window=(-1, 0), dropout_p=p, dropout_keep=keep[b : b + 1, :, :lq, :lk])
+        leaves64 = [t.detach().double().requires_grad_() for t in dense]
+        ref, _ = math_attention(*leaves64, **kw)
+        leaves_lp = [t.detach().requires_grad_() for t in dense]
+        lowp, _ = math_attention(*leaves_lp, **kw)
+        g = grad_out[rq].transpose(0, 1)[None]
+        assert_matches_reference(f"out[{b}]", out[rq].transpose(0, 1)[None], ref, lowp)
+        want, lp = grads_of(ref, leaves64, g.double()), grads_of(lowp, leaves_lp, g)
+        for name, got, rows in (("dq", grads[0], rq), ("dk", grads[1], rk), ("dv", grads[2], rk)):
+            i = "dq dk dv".split().index(name)
+            assert_matches_reference(f"{name}[{b}]", got[rows].transpose(0, 1)[None], want[i], lp[i])
+
+
 # ---- KV-cache decode ----------------------------------------------------------------------
 
 
