@@ -55,7 +55,7 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
 
 def constexprs(dtype: str, block_d: int, tiles, everything: bool) -> dict:
     m, n, _w, _s = tiles
-    flags = dict(IS_LOWER_RIGHT=False, VARLEN=False, HAS_SEQLENS_K=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
+    flags = dict(IS_LOWER_RIGHT=False, VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
                  MASK_KIND=0, LIMIT_LEFT=False, LIMIT_RIGHT=False, HAS_DROPOUT=False)
     if everything:  # every feature at once: the largest kernel
         flags.update(IS_LOWER_RIGHT=True, VARLEN=True, HAS_SOFTCAP=True, HAS_ALIBI=True, MASK_KIND=2,

@@ -154,7 +154,7 @@ def _query_range(n_start, seqlen_q, seqlen_k, offset, window_left, window_right,
 
 
 @triton.jit
-def _seq_bounds(b, CU_Q, CU_K, SEQLENS_K, seqlen_q, seqlen_k, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr):
+def _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """(first row of the batch's queries, its query length, first key row, its key length)."""
     # Tensors, not Python ints: callers take .to(tl.int64) of them.
     q_row0 = tl.full([], 0, tl.int32)
@@ -164,8 +164,6 @@ def _seq_bounds(b, CU_Q, CU_K, SEQLENS_K, seqlen_q, seqlen_k, VARLEN: tl.constex
         seqlen_q = tl.load(CU_Q + b + 1) - q_row0
         k_row0 = tl.load(CU_K + b)
         seqlen_k = tl.load(CU_K + b + 1) - k_row0
-    if HAS_SEQLENS_K:
-        seqlen_k = tl.load(SEQLENS_K + b)
     return q_row0, seqlen_q, k_row0, seqlen_k
 
 
@@ -229,7 +227,7 @@ def _fwd_tiles(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, SLOPES, SEED, CU_Q, CU_K, SEQLENS_K,
+    Q, K, V, O, LSE, MASK, SLOPES, SEED, CU_Q, CU_K,
     sq_b, sq_h, sq_s,
     sk_b, sk_h, sk_s,
     sv_b, sv_h, sv_s,
@@ -241,7 +239,6 @@ def _attn_fwd(
     scale, softcap, window_left, window_right, dropout_p, rows_per_head, cols_per_row,
     IS_LOWER_RIGHT: tl.constexpr,
     VARLEN: tl.constexpr,
-    HAS_SEQLENS_K: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -262,7 +259,7 @@ def _attn_fwd(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, SEQLENS_K, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K)
+    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN)
     m_start = m_block * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -410,7 +407,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SLOPES, SEED, CU_Q, CU_K, SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, SLOPES, SEED, CU_Q, CU_K,
     sq_b, sq_h, sq_s,
     sk_b, sk_h, sk_s,
     sv_b, sv_h, sv_s,
@@ -424,7 +421,6 @@ def _attn_bwd_dkdv(
     scale, softcap, window_left, window_right, dropout_p, rows_per_head, cols_per_row,
     IS_LOWER_RIGHT: tl.constexpr,
     VARLEN: tl.constexpr,
-    HAS_SEQLENS_K: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -441,7 +437,7 @@ def _attn_bwd_dkdv(
     bhk = tl.program_id(1)
     b = bhk // H_KV
     kvh = bhk % H_KV
-    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, SEQLENS_K, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K)
+    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN)
     n_start = n_block * BLOCK_N
     if n_start >= seqlen_k:
         return
@@ -529,7 +525,7 @@ def _dq_tiles(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, SLOPES, SEED, CU_Q, CU_K, SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, SLOPES, SEED, CU_Q, CU_K,
     sq_b, sq_h, sq_s,
     sk_b, sk_h, sk_s,
     sv_b, sv_h, sv_s,
@@ -542,7 +538,6 @@ def _attn_bwd_dq(
     scale, softcap, window_left, window_right, dropout_p, rows_per_head, cols_per_row,
     IS_LOWER_RIGHT: tl.constexpr,
     VARLEN: tl.constexpr,
-    HAS_SEQLENS_K: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -563,7 +558,7 @@ def _attn_bwd_dq(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, SEQLENS_K, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K)
+    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN)
     m_start = m_block * BLOCK_M
     if m_start >= seqlen_q:
         return
@@ -826,7 +821,7 @@ def _strides3(t: torch.Tensor | None, varlen: bool) -> tuple[int, int, int]:
 class Problem:
     """Shapes and options common to the forward and backward launches."""
 
-    def __init__(self, q, k, v, mask, slopes, seed, cu_q, cu_k, seqlens_k, max_q, max_k, scale,
+    def __init__(self, q, k, v, mask, slopes, seed, cu_q, cu_k, max_q, max_k, scale,
                  softcap, window, lower_right, dropout_p):
         self.varlen = cu_q is not None
         if self.varlen:
@@ -841,7 +836,7 @@ class Problem:
         self.groups = self.heads // self.kv_heads
         self.q, self.k, self.v = q, k, v
         self.mask, self.slopes, self.seed = mask, slopes, seed
-        self.cu_q, self.cu_k, self.seqlens_k = cu_q, cu_k, seqlens_k
+        self.cu_q, self.cu_k = cu_q, cu_k
         self.scale, self.softcap, self.dropout_p = scale, softcap, dropout_p
         left, right = window
         self.window_left, self.window_right = max(left, 0), max(right, 0)
@@ -878,7 +873,6 @@ class Problem:
         return dict(
             IS_LOWER_RIGHT=self.lower_right,
             VARLEN=self.varlen,
-            HAS_SEQLENS_K=self.seqlens_k is not None,
             HAS_SOFTCAP=self.softcap > 0,
             HAS_ALIBI=self.slopes is not None,
             MASK_KIND=kind,
@@ -897,31 +891,34 @@ class Problem:
             self.seed if self.seed is not None else dummy,
             self.cu_q if self.cu_q is not None else dummy,
             self.cu_k if self.cu_k is not None else dummy,
-            self.seqlens_k if self.seqlens_k is not None else dummy,
         )
 
     def slope_stride(self) -> int:
         return self.slopes.stride(0) if self.slopes is not None and self.slopes.dim() == 2 else 0
 
 
-def attention_fwd(q, k, v, mask, slopes, seed, cu_q, cu_k, seqlens_k, max_q, max_k, scale, softcap,
+def attention_fwd(q, k, v, mask, slopes, seed, cu_q, cu_k, max_q, max_k, scale, softcap,
                   window, lower_right, dropout_p):
     """Launch the forward. Dense tensors are (B, H, S, D); varlen ones (total, H, D) with
     cu_q/cu_k int32 offsets. Returns (out like q, lse float32: (B, H, S) or (H, total_q))."""
-    pb = Problem(q, k, v, mask, slopes, seed, cu_q, cu_k, seqlens_k, max_q, max_k, scale, softcap,
+    pb = Problem(q, k, v, mask, slopes, seed, cu_q, cu_k, max_q, max_k, scale, softcap,
                  window, lower_right, dropout_p)
-    out = torch.empty_like(q)
-    lse = torch.empty(pb.lse_shape(), device=q.device, dtype=torch.float32)
+    if pb.varlen:  # packed rows past the last offset belong to no sequence: zeros, lse -inf
+        out = torch.zeros_like(q)
+        lse = torch.full(pb.lse_shape(), float("-inf"), device=q.device, dtype=torch.float32)
+    else:
+        out = torch.empty_like(q)
+        lse = torch.empty(pb.lse_shape(), device=q.device, dtype=torch.float32)
     if out.numel() == 0 or pb.seqlen_q == 0:
         lse.fill_(float("-inf"))
         if out.numel():
             out.zero_()
         return out, lse
     mask_t, mask_strides, _kind = pb.mask_args()
-    slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t = pb.pointer_extras()
+    slopes_t, seed_t, cu_q_t, cu_k_t = pb.pointer_extras()
     _launch(
         "fwd", pb.block_d, q.device, lambda bm, bn: (triton.cdiv(pb.seqlen_q, bm), pb.batch * pb.heads),
-        q, k, v, out, lse, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t,
+        q, k, v, out, lse, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t,
         *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
         *_strides3(out, pb.varlen), *pb.lse_strides(lse), *mask_strides, pb.slope_stride(),
         pb.heads, pb.groups, *pb.common_args(),
@@ -930,14 +927,16 @@ def attention_fwd(q, k, v, mask, slopes, seed, cu_q, cu_k, seqlens_k, max_q, max
     return out, lse
 
 
-def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_q, cu_k, seqlens_k, max_q, max_k,
+def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_q, cu_k, max_q, max_k,
                   scale, softcap, window, lower_right, dropout_p):
     """Launch the backward; returns (dq, dk, dv) shaped and typed like q, k, v. grad_lse (or
     None) is the gradient reaching the log-sum-exp: since d lse / d s = P, it enters as
     delta - grad_lse."""
-    pb = Problem(q, k, v, mask, slopes, seed, cu_q, cu_k, seqlens_k, max_q, max_k, scale, softcap,
+    pb = Problem(q, k, v, mask, slopes, seed, cu_q, cu_k, max_q, max_k, scale, softcap,
                  window, lower_right, dropout_p)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Packed rows past the last offset belong to no sequence and are never written: zeros.
+    alloc = torch.zeros_like if pb.varlen else torch.empty_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if pb.seqlen_q == 0 or pb.seqlen_k == 0:
@@ -954,16 +953,11 @@ def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_
     if grad_lse is not None:
         delta -= grad_lse
     mask_t, mask_strides, _kind = pb.mask_args()
-    slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t = pb.pointer_extras()
+    slopes_t, seed_t, cu_q_t, cu_k_t = pb.pointer_extras()
     consts = pb.constexprs(q.dtype)
-    if not pb.varlen:
-        # Keys past a shorter per-batch length (seqlens_k) get no gradient from the kernel.
-        if pb.seqlens_k is not None:
-            dk.zero_()
-            dv.zero_()
     _launch(
         "dkdv", pb.block_d, q.device, lambda bm, bn: (triton.cdiv(pb.seqlen_k, bn), pb.batch * pb.kv_heads),
-        q, k, v, grad_out, lse, delta, dk, dv, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t,
+        q, k, v, grad_out, lse, delta, dk, dv, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t,
         *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
         *_strides3(grad_out, pb.varlen), *_strides3(dk, pb.varlen), *_strides3(dv, pb.varlen),
         *pb.lse_strides(lse), *mask_strides, pb.slope_stride(),
@@ -972,7 +966,7 @@ def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_
     )
     _launch(
         "dq", pb.block_d, q.device, lambda bm, bn: (triton.cdiv(pb.seqlen_q, bm), pb.batch * pb.heads),
-        q, k, v, grad_out, lse, delta, dq, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t, seqlens_t,
+        q, k, v, grad_out, lse, delta, dq, mask_t, slopes_t, seed_t, cu_q_t, cu_k_t,
         *_strides3(q, pb.varlen), *_strides3(k, pb.varlen), *_strides3(v, pb.varlen),
         *_strides3(grad_out, pb.varlen), *_strides3(dq, pb.varlen),
         *pb.lse_strides(lse), *mask_strides, pb.slope_stride(),
@@ -1008,7 +1002,7 @@ def attention_decode(q, k_cache, v_cache, seqlens_k, slopes, scale, softcap, win
     batch, heads, n_q, head_dim = q.shape
     kv_heads, max_k = k_cache.shape[1], k_cache.shape[2]
     groups = heads // kv_heads
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the op's fake
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         lse.fill_(float("-inf"))

@@ -412,6 +412,25 @@ def test_varlen_matches_each_sequence_alone(poison_outputs, backend, device, kwa
         assert_matches_reference(f"dv[{b}]", grads[2][rk].transpose(0, 1)[None], want[2], lp[2])
 
 
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_varlen_rows_past_the_last_offset_are_zero(poison_outputs, backend, device):
+    """Packed tensors may hold rows after cu_seqlens[-1] (padding of a fixed buffer): they
+    belong to no sequence, so their outputs and gradients are zero, never unwritten memory."""
+    q, _ = pack([6, 9], 2, 32, torch.float16, device)
+    k, _ = pack([7, 8], 2, 32, torch.float16, device)
+    v, _ = pack([7, 8], 2, 32, torch.float16, device)
+    cu_q = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)  # 5 trailing query rows
+    cu_k = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)  # 3 trailing key rows
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fuseformer.use_backend(backend):
+        out, lse = fuseformer.ops.attention_varlen(*leaves, cu_q, cu_k, 6, 7, is_causal=True, return_lse=True)
+    dq, dk, dv = grads_of(out, leaves, torch.randn_like(out))
+    assert torch.equal(out[10:], torch.zeros_like(out[10:])) and torch.isneginf(lse[:, 10:]).all()
+    assert torch.equal(dq[10:], torch.zeros_like(dq[10:]))
+    assert torch.equal(dk[12:], torch.zeros_like(dk[12:])) and torch.equal(dv[12:], torch.zeros_like(dv[12:]))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+
+
 @pytest.mark.parametrize("backend,device", TRITON_PAIRS, ids=TRITON_IDS)
 def test_varlen_dropout_matches_reference_with_the_kernels_mask(backend, device):
     """Packed sequences draw the mask of the padded (B, H, max_q, max_k) layout: sequence b

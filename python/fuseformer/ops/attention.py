@@ -75,7 +75,7 @@ def _triton_attention_fwd(
     from fuseformer.kernels import attention as kernels
 
     return kernels.attention_fwd(
-        q, k, v, mask, alibi_slopes, seed, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
+        q, k, v, mask, alibi_slopes, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         scale, softcap, (window_left, window_right), lower_right, dropout_p,
     )
 
@@ -106,7 +106,7 @@ def _triton_attention_bwd(
     from fuseformer.kernels import attention as kernels
 
     return kernels.attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, seed, cu_seqlens_q, cu_seqlens_k, None,
+        grad_out, grad_lse, q, k, v, out, lse, mask, alibi_slopes, seed, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, scale, softcap, (window_left, window_right), lower_right, dropout_p,
     )
 
@@ -148,8 +148,9 @@ def _(grad_out, grad_lse, q, k, v, *_args):
 
 
 @torch.library.register_fake("fuseformer::triton_attention_decode")
-def _(q, k_cache, v_cache, seqlens_k, *_args):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _decode_fake(q, k_cache, v_cache, seqlens_k, *_args):
+    """Both decode ops (Triton and C++ CUDA): out contiguous like q, lse float32 (B, H, n)."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -183,12 +184,8 @@ def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, *_args):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _cpp_decode_fake(q, k_cache, v_cache, seqlens_k, *_args):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
 if _extension.loaded():
-    torch.library.register_fake("fuseformer::attention_decode")(_cpp_decode_fake)
+    torch.library.register_fake("fuseformer::attention_decode")(_decode_fake)
     torch.library.register_fake("fuseformer::attention_fwd")(_cpp_fwd_fake)
     torch.library.register_fake("fuseformer::attention_bwd")(_cpp_bwd_fake)
     # The C++ op's autograd is registered in C++ (csrc/autograd/attention.cpp).
