@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fuseformer import ops
+from fuseformer.ops.attention import safe_softmax
 
 Tensor = torch.Tensor
 
@@ -152,9 +153,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             scores = scores.masked_fill(~causal, float("-inf"))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        row_max = scores.amax(dim=-1, keepdim=True)
-        weights = torch.exp(scores - torch.where(torch.isneginf(row_max), 0.0, row_max))
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        weights = safe_softmax(scores)
         if dropout_p > 0:
             weights = F.dropout(weights, dropout_p)
         return torch.matmul(weights, v), weights

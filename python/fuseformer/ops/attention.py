@@ -230,6 +230,16 @@ def _visible_keys(seqlen_q, seqlen_k, offset, left, right, device):
     return visible
 
 
+def safe_softmax(scores: Tensor) -> Tensor:
+    """softmax over the last dim, with rows that are all -inf (no visible key) giving zeros
+    instead of NaN."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
 def math_attention(
     q: Tensor,
     k: Tensor,
@@ -272,11 +282,7 @@ def math_attention(
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
     # Safe softmax: rows with no visible key are all -inf and give zeros, not NaN.
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    probs = safe_softmax(scores)
     if dropout_keep is not None:
         probs = probs * dropout_keep.to(probs.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0:
