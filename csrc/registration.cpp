@@ -44,4 +44,20 @@ TORCH_LIBRARY(fuseformer, m) {
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, "
       "Tensor? alibi_slopes, float scale, float softcap, int window_left, int window_right, "
       "int num_splits) -> (Tensor out, Tensor lse)");
+
+  // ---- linear: act(x Wᵀ + b), and gated act(x Wgᵀ + bg) * (x Wuᵀ + bu) when weight_up is given ----
+  // x (M, K), weight / weight_up (N, K) (any strides), biases (N,), all one dtype.
+  // activation: none | relu | gelu | gelu_tanh | silu | relu2. save: keep what the backward
+  // reads (saved = act'(z); gated: saved = act(zg), saved2 = zu·act'(zg)), each (M, N) in x's
+  // dtype; empty tensors when not saved or not needed (no activation, not gated).
+  m.def(
+      "linear_fwd(Tensor x, Tensor weight, Tensor? weight_up, Tensor? bias, Tensor? bias_up, str activation, "
+      "bool save) -> (Tensor out, Tensor saved, Tensor saved2)");
+  // grad_x is empty unless needs_input_grad; the weight and bias gradients are empty unless
+  // needs_weight_grad (a bias gradient also unless that bias exists). Bias gradients are
+  // float32 (the caller casts them to the bias dtype).
+  m.def(
+      "linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? weight_up, Tensor saved, Tensor saved2, "
+      "str activation, bool has_bias, bool has_bias_up, bool needs_input_grad, bool needs_weight_grad) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_weight_up, Tensor grad_bias, Tensor grad_bias_up)");
 }

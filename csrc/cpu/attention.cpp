@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "math.h"
 #include "vectorize.h"
 
 namespace fuseformer::cpu {
@@ -43,37 +44,6 @@ constexpr int64_t kBlockMMasked = 128;
 constexpr int64_t kPackedRows = 64;
 constexpr int64_t kBlockN = 512;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// exp(x) for float32, vectorizable: 2^n · e^r with n = round(x / ln 2), |r| <= ln2 / 2, and
-// e^r from its degree-7 Taylor polynomial (truncation < 6e-9 relative). Below -87.3 the result
-// would be subnormal: it returns 0 (and exp(-inf) = 0, as the masked scores need).
-__attribute__((always_inline)) inline float exp_f32(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const bool underflow = x < -87.3f;
-  x = std::min(std::max(x, -87.3f), 88.7f);
-  const float n = (x * kLog2e + kRound) - kRound;
-  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  const float result = p * std::bit_cast<float>(bits);
-  return underflow ? 0.0f : result;
-}
-
-// tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|): no overflow; absolute error ~1e-7.
-__attribute__((always_inline)) inline float tanh_f32(float y) {
-  const float e = exp_f32(-2.0f * std::fabs(y));
-  const float t = (1.0f - e) / (1.0f + e);
-  return y < 0 ? -t : t;
-}
 
 struct Options {
   float scale;

@@ -45,6 +45,9 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # queries into one tile: 1.06-2.3x SDPA with GQA, 0.66-0.84x without (one query row per
     # head), so calls without GQA stay on SDPA (ops/attention.py).
     "attention_decode": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    # GEMM + bias + activation, plain and gated (linear_act, gated_linear): the Triton GEMM
+    # with the fused epilogue on CUDA (not yet measured on a GPU). CPU: see below.
+    "linear": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 }
 
 
@@ -54,6 +57,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "rms_norm": BACKENDS,
     "attention": ("torch", "triton", "cpu"),
     "attention_decode": ("torch", "triton", "cpu", "cuda"),
+    "linear": ("torch", "triton", "cpu"),
 }
 
 

@@ -2,6 +2,7 @@
 same parameters and state_dict keys, same results), running fuseformer ops."""
 
 from fuseformer.nn.attention import MultiheadAttention
+from fuseformer.nn.linear import MLP, GatedMLP, LinearAct
 from fuseformer.nn.norms import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "MultiheadAttention", "RMSNorm"]
+__all__ = ["GatedMLP", "LayerNorm", "LinearAct", "MLP", "MultiheadAttention", "RMSNorm"]

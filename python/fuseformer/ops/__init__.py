@@ -6,12 +6,15 @@ registered custom op (``torch.ops.fuseformer.*``), so it works under autograd an
 """
 
 from fuseformer.ops.attention import attention, attention_varlen, attention_with_kv_cache
+from fuseformer.ops.linear import gated_linear, linear_act
 from fuseformer.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 __all__ = [
     "attention",
     "attention_varlen",
     "attention_with_kv_cache",
+    "gated_linear",
+    "linear_act",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",

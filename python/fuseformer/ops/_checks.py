@@ -9,6 +9,10 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def tensor(value: object, name: str, op: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
@@ -17,8 +21,8 @@ def tensor(value: object, name: str, op: str) -> torch.Tensor:
 
 def float_dtype(t: torch.Tensor, name: str, op: str, allowed=FLOAT_DTYPES) -> None:
     if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
+        names = ", ".join(dtype_name(d) for d in allowed)
+        raise TypeError(f"{op}: {name} must have dtype {names}; got {dtype_name(t.dtype)}")
 
 
 def same_device(t: torch.Tensor, name: str, ref: torch.Tensor, op: str, ref_name: str = "input") -> None:
