@@ -1,4 +1,4 @@
-"""Compile the attention Triton kernels for a GPU target on a machine without a GPU.
+"""Compile the attention and linear Triton kernels for a GPU target on a machine without a GPU.
 
     python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles]
 
@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import attention as A  # noqa: E402  (the source tree's kernels)
+from kernels import linear as L  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
 KERNELS = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}
@@ -100,7 +101,57 @@ def main() -> int:
                               f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
     for arch in args.arch:
         failed |= not compile_decode(GPUTarget("cuda", arch, 32))
+        failed |= not compile_linear(GPUTarget("cuda", arch, 32), args.all_tiles)
     return 1 if failed else 0
+
+
+def compile_linear(target, all_tiles: bool) -> bool:
+    """The GEMM + activation kernels (kernels/linear.py): forward plain and gated, both
+    backward kernels; fp16/bf16 over the autotune tiles (the default at least), fp32 with
+    its fixed full-precision tile."""
+    ok = True
+    for kind, fn in L._KERNELS.items():
+        for dtype in ("fp16", "bf16", "fp32"):
+            for gated in (False, True):
+                if dtype == "fp32":
+                    candidates = [L._FP32_TILE]
+                else:
+                    tiles = L._tile_list(kind, gated)
+                    candidates = tiles if all_tiles else tiles[:1]
+                for i, (m, n, k, w, st) in enumerate(candidates):
+                    consts = dict(ACT=2, GATED=gated, SOFTWARE_BF16=False, GROUP_M=L.GROUP_M,
+                                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                                  BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
+                    params = inspect.signature(fn.fn).parameters
+                    if "HAS_BIAS" in params:
+                        consts.update(HAS_BIAS=True, HAS_BIAS2=gated)
+                    if "SAVE" in params:
+                        consts["SAVE"] = True
+                    sig = {}
+                    for name in params:
+                        if name in consts:
+                            sig[name] = "constexpr"
+                        elif name.startswith("db"):
+                            sig[name] = "*fp32"
+                        elif name.endswith("_ptr"):
+                            sig[name] = f"*{dtype}"
+                        else:
+                            sig[name] = "i32"
+                    start = time.time()
+                    label = f"sm_{target.arch} linear {kind:10} {dtype} {'gated' if gated else 'plain'} {(m, n, k, w, st)}"
+                    try:
+                        kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+                                                options={"num_warps": w, "num_stages": st})
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"FAIL  {label}: {type(exc).__name__}: {str(exc)[:200]}")
+                        ok &= i > 0
+                        continue
+                    shared = kernel.metadata.shared
+                    fits = shared <= SHARED_LIMIT[target.arch]
+                    ok &= fits or i > 0
+                    print(f"{'ok  ' if fits else 'BIG '}  {label}{' default' if i == 0 else ''}: "
+                          f"{time.time() - start:5.1f} s, shared {shared} B")
+    return ok
 
 
 def compile_decode(target) -> bool:

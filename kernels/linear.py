@@ -38,10 +38,10 @@ from .rounding import software_bf16, to_output
 # Activation codes (the ``ACT`` constexpr); fuseformer.ops.linear maps names to them.
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu2": 5}
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-SQRT_2_OVER_PI = 0.7978845608028654
-GELU_TANH_C = 0.044715
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -64,9 +64,11 @@ def _act_and_grad(z, ACT: tl.constexpr):
         a = z * cdf
         d = cdf + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACT == 3:  # gelu (tanh approximation); tanh(y) = 2 sigmoid(2y) - 1 (interpreter-safe)
-        t = 2.0 * _sigmoid(2.0 * SQRT_2_OVER_PI * (z + GELU_TANH_C * z * z * z)) - 1.0
+        # (Tensors first in products with the constexpr constants: the interpreter would
+        # wrap a tensor in a constexpr for `constant * tensor`.)
+        t = 2.0 * _sigmoid((z + z * z * z * GELU_TANH_C) * SQRT_2_OVER_PI * 2.0) - 1.0
         a = 0.5 * z * (1.0 + t)
-        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * z * z)
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + z * z * GELU_TANH_C * 3.0)
     elif ACT == 4:  # silu
         s = _sigmoid(z)
         a = z * s

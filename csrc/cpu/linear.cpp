@@ -64,46 +64,86 @@ __attribute__((always_inline)) inline void act_and_grad(float z, float& a, float
   }
 }
 
-// One block of a row. z: the GEMM result (gated: of the gate), overwritten with the output;
-// u: the up GEMM's result (gated only); s, s2: what the backward reads (null: not saved).
-template <Activation A>
-__attribute__((always_inline)) inline void epilogue_block(float* z, const float* u, const float* b, const float* bu,
-                                                          float* s, float* s2, int64_t n) {
+// The loops below are templated on everything that would otherwise be a branch per element,
+// and their pointers are restrict, so each compiles to straight vector code.
+
+// Plain: z holds the GEMM result and receives act(z + b); s receives act'(z + b).
+template <Activation A, bool kBias, bool kSave>
+__attribute__((always_inline)) inline void plain_loop(float* __restrict z, float* __restrict s,
+                                                      const float* __restrict b, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, d;
-    act_and_grad<A>(z[j] + (b ? b[j] : 0.0f), a, d);
-    if (u) {
-      const float up = u[j] + (bu ? bu[j] : 0.0f);
-      z[j] = a * up;
-      if (s) {
-        s[j] = a;
-        s2[j] = up * d;
-      }
-    } else {
-      z[j] = a;
-      if (s) s[j] = d;
+    act_and_grad<A>(z[j] + (kBias ? b[j] : 0.0f), a, d);
+    z[j] = a;
+    if constexpr (kSave) s[j] = d;
+  }
+}
+
+// Gated: z holds the gate GEMM and receives the output; us holds the up GEMM and receives
+// act(zg) (when saving; it is read first, element by element); s2 receives zu·act'(zg).
+template <Activation A, bool kBias, bool kSave>
+__attribute__((always_inline)) inline void gated_loop(float* __restrict z, float* __restrict us,
+                                                      const float* __restrict b, const float* __restrict bu,
+                                                      float* __restrict s2, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    float a, d;
+    act_and_grad<A>(z[j] + (kBias ? b[j] : 0.0f), a, d);
+    const float up = us[j] + (kBias ? bu[j] : 0.0f);
+    z[j] = a * up;
+    if constexpr (kSave) {
+      us[j] = a;
+      s2[j] = up * d;
     }
   }
 }
 
-FF_VECTORIZE void epilogue(Activation act, float* z, const float* u, const float* b, const float* bu, float* s,
-                           float* s2, int64_t n) {
-  switch (act) {
-    case Activation::kNone: return epilogue_block<Activation::kNone>(z, u, b, bu, s, s2, n);
-    case Activation::kRelu: return epilogue_block<Activation::kRelu>(z, u, b, bu, s, s2, n);
-    case Activation::kGelu: return epilogue_block<Activation::kGelu>(z, u, b, bu, s, s2, n);
-    case Activation::kGeluTanh: return epilogue_block<Activation::kGeluTanh>(z, u, b, bu, s, s2, n);
-    case Activation::kSilu: return epilogue_block<Activation::kSilu>(z, u, b, bu, s, s2, n);
-    case Activation::kRelu2: return epilogue_block<Activation::kRelu2>(z, u, b, bu, s, s2, n);
+template <Activation A>
+__attribute__((always_inline)) inline void epilogue_for(bool gated, bool bias, bool save, float* z, float* us,
+                                                        const float* b, const float* bu, float* s2, int64_t n) {
+  if (gated) {
+    if (bias) {
+      save ? gated_loop<A, true, true>(z, us, b, bu, s2, n) : gated_loop<A, true, false>(z, us, b, bu, s2, n);
+    } else {
+      save ? gated_loop<A, false, true>(z, us, b, bu, s2, n) : gated_loop<A, false, false>(z, us, b, bu, s2, n);
+    }
+  } else if (bias) {
+    save ? plain_loop<A, true, true>(z, us, b, n) : plain_loop<A, true, false>(z, us, b, n);
+  } else {
+    save ? plain_loop<A, false, true>(z, us, b, n) : plain_loop<A, false, false>(z, us, b, n);
   }
 }
 
-// dz = g·f (f null: dz = g), bias_sum += dz.
-FF_VECTORIZE void grad_block(const float* g, const float* f, float* dz, float* bias_sum, int64_t n) {
+// One block of a row. Plain: us is the act' output. Gated: us is the up GEMM (in) and act(zg)
+// (out). b and bu are both given or both null (a missing one is zeros).
+FF_VECTORIZE void epilogue(Activation act, bool gated, bool save, float* z, float* us, const float* b,
+                           const float* bu, float* s2, int64_t n) {
+  const bool bias = b != nullptr;
+  switch (act) {
+    case Activation::kNone: return epilogue_for<Activation::kNone>(gated, bias, save, z, us, b, bu, s2, n);
+    case Activation::kRelu: return epilogue_for<Activation::kRelu>(gated, bias, save, z, us, b, bu, s2, n);
+    case Activation::kGelu: return epilogue_for<Activation::kGelu>(gated, bias, save, z, us, b, bu, s2, n);
+    case Activation::kGeluTanh: return epilogue_for<Activation::kGeluTanh>(gated, bias, save, z, us, b, bu, s2, n);
+    case Activation::kSilu: return epilogue_for<Activation::kSilu>(gated, bias, save, z, us, b, bu, s2, n);
+    case Activation::kRelu2: return epilogue_for<Activation::kRelu2>(gated, bias, save, z, us, b, bu, s2, n);
+  }
+}
+
+// dz = g·f (no factor: dz = g), and sum += dz.
+template <bool kFactor, bool kSum>
+__attribute__((always_inline)) inline void grad_loop(const float* __restrict g, const float* __restrict f,
+                                                     float* __restrict dz, float* __restrict sum, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const float v = f ? g[j] * f[j] : g[j];
+    const float v = kFactor ? g[j] * f[j] : g[j];
     dz[j] = v;
-    if (bias_sum) bias_sum[j] += v;
+    if constexpr (kSum) sum[j] += v;
+  }
+}
+
+FF_VECTORIZE void grad_block(const float* g, const float* f, float* dz, float* sum, int64_t n) {
+  if (f) {
+    sum ? grad_loop<true, true>(g, f, dz, sum, n) : grad_loop<true, false>(g, f, dz, sum, n);
+  } else {
+    sum ? grad_loop<false, true>(g, f, dz, sum, n) : grad_loop<false, false>(g, f, dz, sum, n);
   }
 }
 
@@ -134,46 +174,42 @@ const float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<fl
 template <typename scalar_t>
 void run_epilogue(Activation act, at::Tensor& out, const at::Tensor& up, const at::Tensor& bias,
                   const at::Tensor& bias_up, at::Tensor& saved, at::Tensor& saved2) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const int64_t m = out.size(0), n = out.size(1);
+  const bool gated = up.defined();
   const float* b = float_ptr(bias);
   const float* bu = float_ptr(bias_up);
   scalar_t* out_data = out.data_ptr<scalar_t>();
-  const scalar_t* up_data = up.defined() ? up.const_data_ptr<scalar_t>() : nullptr;
+  // Gated: the up GEMM's result; it is `saved` itself when saving (overwritten in place).
+  scalar_t* us_data = gated ? up.data_ptr<scalar_t>() : (saved.defined() ? saved.data_ptr<scalar_t>() : nullptr);
   scalar_t* s_data = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
   scalar_t* s2_data = saved2.defined() ? saved2.data_ptr<scalar_t>() : nullptr;
+  const bool save = s_data != nullptr;
   // Rows of at least ~16K elements per task: the pass is memory-bound.
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1));
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * kBlock);
-    float *z = buf.data(), *u = z + kBlock, *s = u + kBlock, *s2 = s + kBlock;
+    std::vector<float> buf(kFloat ? 0 : 3 * kBlock);
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
         const int64_t len = std::min(kBlock, n - j0);
         const int64_t at_ = i * n + j0;
-        float* zr;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          zr = out_data + at_;  // in place
+        float *z, *us, *s2;
+        if constexpr (kFloat) {  // in place on the tensors
+          z = out_data + at_;
+          us = us_data ? us_data + at_ : nullptr;
+          s2 = s2_data ? s2_data + at_ : nullptr;
         } else {
-          zr = z;
+          z = buf.data();
+          us = z + kBlock;
+          s2 = us + kBlock;
           as_float(out_data + at_, z, len);
+          if (gated) as_float(us_data + at_, us, len);
         }
-        const float* ur = up_data ? as_float(up_data + at_, u, len) : nullptr;
-        float* sr = nullptr;
-        float* s2r = nullptr;
-        if (s_data) {
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            sr = s_data + at_;
-            s2r = s2_data ? s2_data + at_ : nullptr;
-          } else {
-            sr = s;
-            s2r = s2;
-          }
-        }
-        epilogue(act, zr, ur, b ? b + j0 : nullptr, bu ? bu + j0 : nullptr, sr, s2r, len);
-        if constexpr (!std::is_same_v<scalar_t, float>) {
-          store(out_data + at_, zr, len);
-          if (s_data) store(s_data + at_, sr, len);
-          if (s2_data) store(s2_data + at_, s2r, len);
+        epilogue(act, gated, save, z, us, b ? b + j0 : nullptr, bu ? bu + j0 : nullptr, s2, len);
+        if constexpr (!kFloat) {
+          store(out_data + at_, z, len);
+          if (save) store(s_data + at_, us, len);
+          if (s2_data) store(s2_data + at_, s2, len);
         }
       }
     }
@@ -194,25 +230,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& 
     // Nothing to fuse: addmm already folds the bias into the GEMM.
     return {bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t()), empty(), empty()};
   }
-  // Half dtypes: the bias goes into the GEMM (added to the float accumulator, rounded once, as
-  // F.linear does), so ReLU-like activations see the sign PyTorch sees; adding it to the
+  // Half dtypes: the biases go into the GEMM (added to the float accumulator, rounded once, as
+  // F.linear does), so ReLU-like activations see the sign PyTorch sees; adding them to the
   // rounded product would flip the activation of pre-activations within a rounding of zero.
-  const bool bias_in_gemm = bias.has_value() && x.scalar_type() != at::kFloat;
-  at::Tensor out = bias_in_gemm ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  // Float32: the epilogue adds them (addmm would first copy the bias into every row).
+  const bool half = x.scalar_type() != at::kFloat;
+  auto project = [&](const at::Tensor& w, const std::optional<at::Tensor>& b, at::Tensor* into) {
+    const bool with_bias = half && b.has_value();
+    if (into) return with_bias ? at::addmm_out(*into, *b, x, w.t()) : at::mm_out(*into, x, w.t());
+    return with_bias ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+  };
+  at::Tensor out = project(weight, bias, nullptr);
   at::Tensor saved = save ? at::empty_like(out) : at::Tensor();
   at::Tensor saved2 = save && gated ? at::empty_like(out) : at::Tensor();
-  at::Tensor up;
-  if (gated) {
-    // The up projection lands in `saved` when that is kept: the epilogue reads each element
-    // before it overwrites it with act(zg).
-    if (bias_up.has_value() && bias_in_gemm) {
-      up = save ? at::addmm_out(saved, *bias_up, x, weight_up->t()) : at::addmm(*bias_up, x, weight_up->t());
-    } else {
-      up = save ? at::mm_out(saved, x, weight_up->t()) : at::mm(x, weight_up->t());
-    }
+  // Gated: the up projection lands in `saved` when that is kept; the epilogue reads each
+  // element before it overwrites it with act(zg).
+  at::Tensor up = gated ? project(*weight_up, bias_up, save ? &saved : nullptr) : at::Tensor();
+  // Float biases for the epilogue; a gated layer with one bias gets zeros for the other.
+  at::Tensor b, bu;
+  if (!half && (bias || bias_up)) {
+    const auto f32 = x.options().dtype(at::kFloat);
+    b = bias ? bias->contiguous() : at::zeros({weight.size(0)}, f32);
+    if (gated) bu = bias_up ? bias_up->contiguous() : at::zeros({weight.size(0)}, f32);
   }
-  const at::Tensor b = bias && !bias_in_gemm ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bu = bias_up && !bias_in_gemm ? bias_up->to(at::kFloat).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fuseformer_linear_fwd", [&] {
     run_epilogue<scalar_t>(act, out, up, b, bu, saved, saved2);
   });

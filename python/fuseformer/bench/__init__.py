@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("norms", "attention")
+FAMILIES = ("norms", "attention", "linear", "mlp")
 
 
 def family_module(name: str):

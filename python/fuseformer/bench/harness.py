@@ -196,6 +196,16 @@ def _is_ours(impl: str) -> bool:
     return impl.startswith("fuseformer")
 
 
+# An implementation named "ceiling: ..." is a reference that does less than the op (e.g. the
+# GEMM alone, without the epilogue we fuse): rows get a "vs ceiling" ratio against it, and it
+# never counts as the best baseline.
+CEILING_PREFIX = "ceiling: "
+
+
+def _is_ceiling(impl: str) -> bool:
+    return impl.startswith(CEILING_PREFIX)
+
+
 def _peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
     """Extra device memory one call allocates at its peak (CUDA only)."""
     if device != "cuda":
@@ -222,7 +232,8 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
                 memory[name] = _peak_memory_mib(fn, device)
             except Exception as exc:  # a baseline that cannot run here (e.g. no compiler)
                 errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        baselines = [n for n in case.impls if not _is_ours(n) and n in times]
+        baselines = [n for n in case.impls if not _is_ours(n) and not _is_ceiling(n) and n in times]
+        ceilings_here = [n for n in case.impls if _is_ceiling(n) and n in times]
         for name in case.impls:
             row = {
                 "family": case.family,
@@ -256,6 +267,9 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
                 for base in baselines:
                     if base != name:
                         row[f"speedup_vs_{base}"] = times[base] / t
+                if ceilings_here and not _is_ceiling(name):
+                    row["ceiling_impl"] = ceilings_here[0]
+                    row["speedup_vs_ceiling"] = times[ceilings_here[0]] / t
                 if _is_ours(name) and baselines:
                     best = min(baselines, key=lambda b: times[b])
                     row["best_baseline"] = best
@@ -280,7 +294,8 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
               "vs eager", "vs compile", "vs best baseline"]
     with_tokens = any(r.get("tokens_per_s") for r in rows)
     with_memory = any(r.get("peak_MiB") is not None for r in rows)
-    header += ["tokens/s"] * with_tokens + ["peak MiB"] * with_memory
+    with_ceiling = any(r.get("speedup_vs_ceiling") for r in rows)
+    header += ["vs ceiling impl"] * with_ceiling + ["tokens/s"] * with_tokens + ["peak MiB"] * with_memory
 
     def ratio(value):
         return _fmt(value, ".2f") + ("x" if value else "")
@@ -299,6 +314,7 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             _fmt(r["time_ms"], ".4f", r.get("error") and "error" or "-"), throughput, pct,
             ratio(r.get("speedup_vs_torch eager")), ratio(r.get("speedup_vs_torch.compile")), best,
         ]
+        line += [ratio(r.get("speedup_vs_ceiling"))] * with_ceiling
         line += [_fmt(r.get("tokens_per_s"), ".0f")] * with_tokens + [_fmt(r.get("peak_MiB"), ".0f")] * with_memory
         body.append(line)
     return header, body
@@ -332,7 +348,9 @@ def markdown(rows: list[dict], env: dict, ceilings: dict, title: str) -> str:
         "GB/s counts the bytes an ideal kernel moves (each input read once, each output written once); "
         "TFLOP/s counts the FLOPs of the op's definition (attention: 4·B·H·S·L·D forward, halved when causal, "
         "backward 2.5x forward). 'vs X' is X's time divided by this row's time (above 1: faster than X); "
-        "'vs best baseline' compares with the fastest non-fuseformer implementation of the row's case.",
+        "'vs best baseline' compares with the fastest non-fuseformer implementation of the row's case; "
+        "'vs ceiling impl' with the case's 'ceiling:' implementation, which does less than the op "
+        "(e.g. the GEMM without the fused epilogue), so 1.00x means the fusion costs nothing.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
