@@ -71,3 +71,21 @@ def test_attention_decode_gqa(benchmark):
     seqlens = torch.full((4,), 4096, dtype=torch.int32)
     with torch.no_grad():
         benchmark(_forced(lambda: fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, seqlens)))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_linear_act_forward(benchmark, activation):
+    x, w, b = torch.randn(256, 1024), torch.randn(2048, 1024) / 32, torch.randn(2048)
+    with torch.no_grad():
+        benchmark(_forced(lambda: fuseformer.ops.linear_act(x, w, b, activation)))
+
+
+def test_gated_mlp_forward_backward(benchmark):
+    mlp = fuseformer.nn.GatedMLP(512, 1408)
+    x = torch.randn(256, 512, requires_grad=True)
+    grad = torch.randn(256, 512)
+
+    def step():
+        return torch.autograd.grad(mlp(x), (x, *mlp.parameters()), grad)
+
+    benchmark(_forced(step))

@@ -14,18 +14,20 @@ MODEL = """
 import torch, fuseformer
 
 class Block(torch.nn.Module):
-    # Norms and causal self-attention (the C++ CPU attention kernels) of fuseformer.nn.
+    # fuseformer.nn's norms, causal self-attention and fused linear layers (C++ CPU kernels).
     def __init__(self):
         super().__init__()
-        self.proj = torch.nn.Linear(16, 32)
+        self.proj = fuseformer.nn.LinearAct(16, 32, activation="gelu")
         self.norm = fuseformer.nn.LayerNorm(32)
         self.attn = fuseformer.nn.MultiheadAttention(32, 2, batch_first=True)
+        self.mlp = fuseformer.nn.GatedMLP(32, 48)
         self.out_norm = fuseformer.nn.RMSNorm(32)
 
     def forward(self, x):
         h = self.norm(self.proj(x))
         a, _ = self.attn(h, h, h, need_weights=False, is_causal=True)
-        return self.out_norm(h + a)
+        h = h + a
+        return self.out_norm(h + self.mlp(h))
 
 def make_model():
     torch.manual_seed(0)
