@@ -110,7 +110,8 @@ def compile_linear(target, all_tiles: bool) -> bool:
     backward kernels; fp16/bf16 over the autotune tiles (the default at least), fp32 with
     its fixed full-precision tile."""
     ok = True
-    for kind, fn in L._KERNELS.items():
+    for kind, heuristics in L._KERNELS.items():
+        fn = heuristics.fn  # the jit function under @triton.heuristics (EVEN_LOOP)
         for dtype in ("fp16", "bf16", "fp32"):
             for gated in (False, True):
                 if dtype == "fp32":
@@ -118,10 +119,13 @@ def compile_linear(target, all_tiles: bool) -> bool:
                 else:
                     tiles = L._tile_list(kind, gated)
                     candidates = tiles if all_tiles else tiles[:1]
-                for i, (m, n, k, w, st) in enumerate(candidates):
+                # Every tile with whole loop tiles (the fast path); the default also with the
+                # masked loop.
+                runs = [(i, tile, even) for i, tile in enumerate(candidates) for even in ((True, False) if i == 0 else (True,))]
+                for i, (m, n, k, w, st), even in runs:
                     consts = dict(ACT=2, GATED=gated, SOFTWARE_BF16=False, GROUP_M=L.GROUP_M,
                                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                                  BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
+                                  BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, EVEN_LOOP=even)
                     params = inspect.signature(fn.fn).parameters
                     if "HAS_BIAS" in params:
                         consts.update(HAS_BIAS=True, HAS_BIAS2=gated)
@@ -138,7 +142,8 @@ def compile_linear(target, all_tiles: bool) -> bool:
                         else:
                             sig[name] = "i32"
                     start = time.time()
-                    label = f"sm_{target.arch} linear {kind:10} {dtype} {'gated' if gated else 'plain'} {(m, n, k, w, st)}"
+                    label = (f"sm_{target.arch} linear {kind:10} {dtype} {'gated' if gated else 'plain'} "
+                             f"{(m, n, k, w, st)}{'' if even else ' masked'}")
                     try:
                         kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
                                                 options={"num_warps": w, "num_stages": st})

@@ -84,6 +84,15 @@ def _act_and_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, ok, EVEN: tl.constexpr):
+    """A tile of the loop's operand; EVEN: the loop length is a multiple of its block, so
+    every tile is whole and the load needs no mask."""
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
 def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Program id -> (tile row, tile column), GROUP_M tile rows at a time (L2 reuse)."""
     per_group = GROUP_M * num_n
@@ -95,6 +104,9 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+# EVEN_LOOP: the loop dimension of each kernel (K forward, N for dX, M for dW) is a multiple of
+# its block, so the loop's loads drop their masks. A heuristic: it follows each tile config.
+@triton.heuristics({"EVEN_LOOP": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _linear_fwd(
     x_ptr, w_ptr, w2_ptr, b_ptr, b2_ptr, out_ptr, s_ptr, s2_ptr,
@@ -103,6 +115,7 @@ def _linear_fwd(
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
     SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_LOOP: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,11 +132,11 @@ def _linear_fwd(
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        x = _load(x_ptrs, offs_k[None, :] < k_left, EVEN_LOOP)
+        w = _load(w_ptrs, offs_k[:, None] < k_left, EVEN_LOOP)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if GATED:
-            w2 = tl.load(w2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            w2 = _load(w2_ptrs, offs_k[:, None] < k_left, EVEN_LOOP)
             acc2 = tl.dot(x, w2, acc2, input_precision=DOT_PRECISION)
             w2_ptrs += BLOCK_K * stride_w2k
         x_ptrs += BLOCK_K * stride_xk
@@ -150,6 +163,7 @@ def _linear_fwd(
             tl.store(s_ptr + offs, to_output(d, dtype, SOFTWARE_BF16), mask=ok)
 
 
+@triton.heuristics({"EVEN_LOOP": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _linear_bwd_input(
     g_ptr, s_ptr, s2_ptr, w_ptr, w2_ptr, dx_ptr,
@@ -157,6 +171,7 @@ def _linear_bwd_input(
     stride_gm, stride_gn, stride_wn, stride_wk, stride_w2n, stride_w2k,
     ACT: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_LOOP: tl.constexpr,
 ):
     """dX (M, K) = dz (M, N) W (N, K); tiles of (BLOCK_M, BLOCK_K), the loop runs over N."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -174,18 +189,18 @@ def _linear_bwd_input(
     dtype = w_ptr.dtype.element_ty
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_ok = offs_n < N - n * BLOCK_N
-        g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+        g = _load(g_ptrs, n_ok[None, :], EVEN_LOOP).to(tl.float32)
+        w = _load(w_ptrs, n_ok[:, None], EVEN_LOOP)
         if GATED:
-            up = tl.load(s_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)  # act(zg)
-            gate = tl.load(s2_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)  # zu·act'(zg)
-            w2 = tl.load(w2_ptrs, mask=n_ok[:, None], other=0.0)
+            up = _load(s_ptrs, n_ok[None, :], EVEN_LOOP).to(tl.float32)  # act(zg)
+            gate = _load(s2_ptrs, n_ok[None, :], EVEN_LOOP).to(tl.float32)  # zu·act'(zg)
+            w2 = _load(w2_ptrs, n_ok[:, None], EVEN_LOOP)
             acc = tl.dot((g * gate).to(dtype), w, acc, input_precision=DOT_PRECISION)
             acc = tl.dot((g * up).to(dtype), w2, acc, input_precision=DOT_PRECISION)
             w2_ptrs += BLOCK_N * stride_w2n
         else:
             if ACT != 0:
-                g = g * tl.load(s_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                g = g * _load(s_ptrs, n_ok[None, :], EVEN_LOOP).to(tl.float32)
             acc = tl.dot(g.to(dtype), w, acc, input_precision=DOT_PRECISION)
         g_ptrs += BLOCK_N * stride_gn
         s_ptrs += BLOCK_N
@@ -196,6 +211,7 @@ def _linear_bwd_input(
     tl.store(dx_ptr + offs, to_output(acc, dx_ptr.dtype.element_ty, SOFTWARE_BF16), mask=ok)
 
 
+@triton.heuristics({"EVEN_LOOP": lambda a: a["M"] % a["BLOCK_M"] == 0})
 @triton.jit
 def _linear_bwd_weight(
     g_ptr, s_ptr, s2_ptr, x_ptr, dw_ptr, dw2_ptr, db_ptr, db2_ptr,
@@ -204,6 +220,7 @@ def _linear_bwd_weight(
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_LOOP: tl.constexpr,
 ):
     """dW (N, K) = dzᵀ (N, M) X (M, K); tiles of (BLOCK_N, BLOCK_K), the loop runs over M.
     Gated: axis 1 is 0 for the gate weight (dzg = g * saved2), 1 for the up weight
@@ -227,10 +244,10 @@ def _linear_bwd_weight(
     dtype = x_ptr.dtype.element_ty
     for m in range(0, tl.cdiv(M, BLOCK_M)):
         m_ok = offs_m < M - m * BLOCK_M
-        dz = tl.load(g_ptrs, mask=m_ok[None, :], other=0.0).to(tl.float32)
+        dz = _load(g_ptrs, m_ok[None, :], EVEN_LOOP).to(tl.float32)
         if GATED or ACT != 0:
-            dz = dz * tl.load(f_ptrs, mask=m_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            dz = dz * _load(f_ptrs, m_ok[None, :], EVEN_LOOP).to(tl.float32)
+        x = _load(x_ptrs, m_ok[:, None], EVEN_LOOP)
         acc = tl.dot(dz.to(dtype), x, acc, input_precision=DOT_PRECISION)
         bias_acc += tl.sum(dz, axis=1)
         g_ptrs += BLOCK_M * stride_gm

@@ -218,9 +218,23 @@ def _peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def allow_recompiles(limit: int = 256) -> None:
+    """The torch.compile baselines compile one function per shape (dynamic=False) and pass;
+    past dynamo's recompile limit (8) it would silently run the rest eagerly, so the
+    'torch.compile' column would time eager PyTorch."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(4 * limit, torch._dynamo.config.accumulated_recompile_limit)
+
+
 def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[str, float], progress=None) -> list[dict]:
     """Time every implementation of every case. Each row carries its speedup over each
     baseline of the case (every implementation that is not fuseformer's)."""
+    allow_recompiles()
     rows: list[dict] = []
     for case in cases:
         times: dict[str, float] = {}
