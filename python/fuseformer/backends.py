@@ -45,9 +45,12 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # queries into one tile: 1.06-2.3x SDPA with GQA, 0.66-0.84x without (one query row per
     # head), so calls without GQA stay on SDPA (ops/attention.py).
     "attention_decode": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
-    # GEMM + bias + activation, plain and gated (linear_act, gated_linear): the Triton GEMM
-    # with the fused epilogue on CUDA (not yet measured on a GPU). CPU: see below.
-    "linear": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    # GEMM + bias + activation, plain and gated (linear_act, gated_linear). CUDA: the Triton
+    # GEMM with the fused epilogue, then cuBLASLt with its epilogues (neither measured on a
+    # GPU yet: benchmarks/gpu_suite.sh bench:linear decides). CPU
+    # (benchmarks/results/cpu/linear.md): the GEMM is 95% of the time; the fused epilogue is
+    # 0.94-1.04x eager at prefill shapes.
+    "linear": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
 }
 
 
@@ -57,7 +60,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "rms_norm": BACKENDS,
     "attention": ("torch", "triton", "cpu"),
     "attention_decode": ("torch", "triton", "cpu", "cuda"),
-    "linear": ("torch", "triton", "cpu"),
+    "linear": BACKENDS,
 }
 
 
