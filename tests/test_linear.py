@@ -304,6 +304,24 @@ def test_module_compiles_fullgraph(kind, kwargs, activation):
     assert x.grad is not None and all(p.grad is not None for p in module.parameters())
 
 
+@pytest.mark.parametrize("backend,device", PAIRS, ids=[f"{b}-{d}" for b, d in PAIRS])
+def test_ops_compile_fullgraph_on_every_backend(backend, device):
+    # The op under torch.compile (fake implementations, autograd) on each kernel backend.
+    tensors = make_inputs((6, 16), 24, torch.float32, device, gated=True)
+
+    def block(x, wg, wu, bg, bu):
+        return fuseformer.ops.gated_linear(x, wg, wu, bg, bu, "gelu").sum(-1)
+
+    with fuseformer.use_backend(backend):
+        y = torch.compile(block, fullgraph=True)(*tensors)
+        y_ref = block(*tensors)
+    torch.testing.assert_close(y, y_ref)
+    grads = torch.autograd.grad(y.sum(), tensors)
+    ref_grads = torch.autograd.grad(y_ref.sum(), tensors)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_gated_mlp_under_autocast():
     # fp32 parameters, bf16 compute as F.linear's autocast rule: matches the autocast torch stack.
     ours = fuseformer.nn.GatedMLP(32, 64)

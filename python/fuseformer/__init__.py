@@ -5,9 +5,11 @@
     norm = fuseformer.nn.RMSNorm(4096)                    # like torch.nn.RMSNorm
     with fuseformer.use_backend("triton"): ...            # force a backend
     fuseformer.info()                                     # what runs here
+    model = fuseformer.models.GPT(fuseformer.models.GPTConfig.gpt2_small())
 """
 
 from fuseformer import backends, nn, ops
+from fuseformer import models  # after nn and ops, which the models use
 from fuseformer._info import info
 from fuseformer.backends import BackendUnavailableError, available_backends, use_backend
 
@@ -18,6 +20,7 @@ __all__ = [
     "available_backends",
     "backends",
     "info",
+    "models",
     "nn",
     "ops",
     "use_backend",

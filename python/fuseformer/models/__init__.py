@@ -1,0 +1,7 @@
+"""fuseformer.models: reference models built on fuseformer's kernels (``backend="fuseformer"``)
+or on plain PyTorch (``backend="torch"``), with identical state_dict keys."""
+
+from fuseformer.models.data import ByteTokenizer, synthetic_corpus, text_batches
+from fuseformer.models.transformer import BERT, GPT, BERTConfig, GPTConfig, KVCache
+
+__all__ = ["BERT", "BERTConfig", "ByteTokenizer", "GPT", "GPTConfig", "KVCache", "synthetic_corpus", "text_batches"]

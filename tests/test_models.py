@@ -1,0 +1,155 @@
+"""Reference models: both backends share state_dict keys, give the float64 reference's outputs
+within the correctness rule, generate the same tokens with and without the KV cache, and
+train alike on the shipped synthetic corpus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fuseformer
+from fuseformer.models import BERT, GPT, BERTConfig, ByteTokenizer, GPTConfig, synthetic_corpus, text_batches
+from accuracy import assert_matches_reference
+
+TINY_GPT = dict(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
+TINY_BERT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+
+
+def _pair(model_cls, config):
+    torch.manual_seed(0)
+    ref = model_cls(config, backend="torch")
+    ours = model_cls(config, backend="fuseformer")
+    ours.load_state_dict(ref.state_dict())
+    return ref.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("model_cls,config", [(GPT, GPTConfig(**TINY_GPT)), (BERT, BERTConfig(**TINY_BERT))],
+                         ids=["GPT", "BERT"])
+def test_backends_share_state_dict_keys(model_cls, config):
+    ref, ours = _pair(model_cls, config)
+    assert list(ref.state_dict()) == list(ours.state_dict())
+    assert any(isinstance(m, fuseformer.nn.LayerNorm) for m in ours.modules())
+    assert not any(isinstance(m, fuseformer.nn.LayerNorm) for m in ref.modules())
+
+
+def test_gpt2_small_config_has_124m_parameters():
+    config = GPTConfig.gpt2_small()
+    with torch.device("meta"):
+        model = GPT(config, backend="fuseformer")
+    # The 124M of GPT-2 small counts the tied embedding once.
+    assert 124_000_000 < model.num_parameters() < 125_000_000
+
+
+def test_gpt_matches_float64_reference():
+    ref, ours = _pair(GPT, GPTConfig(**TINY_GPT))
+    idx = torch.randint(0, 256, (3, 40))
+    targets = torch.randint(0, 256, (3, 40))
+    logits, loss = ours(idx, targets)
+    logits_ref, loss_ref = ref(idx, targets)
+    logits64, loss64 = ref.double()(idx, targets)
+    assert_matches_reference("GPT logits", logits.detach(), logits64.detach(), logits_ref.detach())
+    loss.backward()
+    ref.float()
+    ref.zero_grad()
+    ref(idx, targets)[1].backward()
+    for (name, p), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "fuseformer"])
+def test_gpt_generate_with_cache_matches_recompute(backend):
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(**TINY_GPT), backend=backend).eval()
+    prompt = torch.randint(0, 256, (2, 7))
+    cached = model.generate(prompt, 20, temperature=0, use_cache=True)
+    recomputed = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert cached.shape == (2, 27)
+    assert torch.equal(cached, recomputed)
+
+
+def test_gpt_cached_logits_match_full_forward():
+    # Prefill a prompt, then decode 2 tokens at once: the logits equal the full forward's.
+    _, ours = _pair(GPT, GPTConfig(**TINY_GPT))
+    idx = torch.randint(0, 256, (2, 12))
+    full = ours(idx)
+    from fuseformer.models import KVCache
+
+    cache = KVCache(ours.config, 2, idx.device, torch.float32)
+    first = ours(idx[:, :10], cache=cache)
+    rest = ours(idx[:, 10:], cache=cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-4, atol=1e-5)
+    assert cache.length == 12
+
+
+def test_gpt_rejects_sequences_past_block_size():
+    model = GPT(GPTConfig(**TINY_GPT))
+    with pytest.raises(ValueError, match="block_size=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size=64"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+def test_gpt_trains_alike_on_both_backends():
+    # The same initial weights and batches: the loss falls, and both backends' curves agree.
+    tokens = ByteTokenizer.encode(synthetic_corpus(20_000, seed=3))
+    losses = {}
+    for backend in ("torch", "fuseformer"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**TINY_GPT), backend=backend)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        curve = []
+        for x, y in text_batches(tokens, 8, 32, steps=30, seed=5):
+            _, loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        losses[backend] = curve
+    ref, ours = losses["torch"], losses["fuseformer"]
+    assert ours[-1] < 0.6 * ours[0], ours
+    for step, (a, b) in enumerate(zip(ref, ours)):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"
+
+
+def test_bert_matches_float64_reference_with_padding():
+    ref, ours = _pair(BERT, BERTConfig(**TINY_BERT))
+    ids = torch.randint(0, 128, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 13:] = 0
+    mask[2, 5:] = 0
+    logits = ours(ids, mask)
+    logits_ref = ref(ids, mask)
+    logits64 = ref.double()(ids, mask)
+    assert_matches_reference("BERT logits", logits.detach(), logits64.detach(), logits_ref.detach())
+    # Padding is invisible: a padded sequence classifies like its unpadded prefix.
+    alone = ours(ids[2:, :5], mask[2:, :5])
+    torch.testing.assert_close(logits[2:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_trains():
+    torch.manual_seed(0)
+    model = BERT(BERTConfig(**TINY_BERT), backend="fuseformer")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Label = whether token 7 occurs: learnable from attention over the sequence.
+    ids = torch.randint(0, 128, (64, 16))
+    labels = (ids == 7).any(1).long() + (ids[:, 0] > 64).long()
+    first = None
+    for _ in range(40):
+        _, loss = model(ids, torch.ones_like(ids), labels=labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.7 * first
+
+
+def test_models_compile_fullgraph():
+    _, ours = _pair(GPT, GPTConfig(**TINY_GPT))
+    idx = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(torch.compile(ours, fullgraph=True)(idx), ours(idx), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'fuseformer'"):
+        GPT(GPTConfig(**TINY_GPT), backend="jax")
