@@ -11,12 +11,15 @@
 from fuseformer import backends, nn, ops
 from fuseformer import models  # after nn and ops, which the models use
 from fuseformer._info import info
+from fuseformer.accelerate import AccelerateReport, accelerate
 from fuseformer.backends import BackendUnavailableError, available_backends, use_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerateReport",
     "BackendUnavailableError",
+    "accelerate",
     "available_backends",
     "backends",
     "info",
