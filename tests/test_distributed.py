@@ -87,3 +87,68 @@ def test_gradients_match_single_process(tmp_path, mode):
     assert set(grads) == {name for name, _ in reference.named_parameters()}
     for name, param in reference.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+GPT_WORKER = """
+import os, sys, torch, torch.distributed as dist
+from fuseformer.models import GPT, GPTConfig
+rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(GPT(GPTConfig(**CONFIG), backend="fuseformer"))
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+x, y = torch.load(f"{folder}/data.pt")
+losses = []
+for step in range(STEPS):
+    _, loss = model(x[step].chunk(world)[rank], y[step].chunk(world)[rank])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    losses.append(mean.item() / world)
+if rank == 0:
+    torch.save(losses, f"{folder}/losses.pt")
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+GPT_CONFIG = dict(block_size=32, vocab_size=256, n_layer=2, n_head=4, n_embd=32)
+GPT_STEPS = 8
+
+
+def test_gpt_trains_under_ddp_like_one_process(tmp_path):
+    from fuseformer.models import GPT, GPTConfig, ByteTokenizer, synthetic_corpus, text_batches
+
+    tokens = ByteTokenizer.encode(synthetic_corpus(5000, seed=1))
+    batches = list(text_batches(tokens, 8, 32, steps=GPT_STEPS, seed=2))
+    x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+    torch.save((x, y), tmp_path / "data.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = f"CONFIG = {GPT_CONFIG!r}\nSTEPS = {GPT_STEPS}\n" + GPT_WORKER
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(r), "2", str(port), str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    ddp_losses = torch.load(tmp_path / "losses.pt")
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT_CONFIG), backend="fuseformer")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    single = []
+    for step in range(GPT_STEPS):
+        _, loss = model(x[step], y[step])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        single.append(loss.item())
+    assert single[-1] < single[0]
+    for step, (a, b) in enumerate(zip(single, ddp_losses)):
+        assert abs(a - b) <= 1e-4 * abs(a), f"step {step}: one process {a:.6f}, DDP {b:.6f}"

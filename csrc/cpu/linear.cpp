@@ -29,7 +29,6 @@ namespace {
 
 using linear::Activation;
 
-constexpr float kSqrt1_2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kGeluTanhC = 0.044715f;
@@ -43,9 +42,10 @@ __attribute__((always_inline)) inline void act_and_grad(float z, float& a, float
     a = z > 0 ? z : 0.0f;
     d = z > 0 ? 1.0f : 0.0f;
   } else if constexpr (A == Activation::kGelu) {
-    const float cdf = 0.5f * erfc_f32(-z * kSqrt1_2);
+    float g;
+    const float cdf = normal_cdf_f32(z, g);
     a = z * cdf;
-    d = cdf + z * kInvSqrt2Pi * exp_f32(-0.5f * z * z);
+    d = cdf + z * kInvSqrt2Pi * g;
   } else if constexpr (A == Activation::kGeluTanh) {
     const float t = tanh_f32(kSqrt2OverPi * (z + kGeluTanhC * z * z * z));
     a = 0.5f * z * (1.0f + t);

@@ -1,0 +1,129 @@
+"""Benchmark cases for the reference models: each model built with backend="fuseformer"
+against the same model (same weights) on backend="torch", eager and under torch.compile.
+
+Per model: inference latency (batch 1) and throughput (a large batch), a training step
+(forward + backward; the optimizer step is the same for both), and for GPT the decode rate
+of ``generate`` with its KV cache (tokens/s; not compiled: the cache grows every step).
+FLOPs (for MFU against the measured matmul peak): 2·N per token forward, 6·N training, plus
+attention's 2·n_layer·seq·n_embd (forward, causal half) per token, as nanoGPT estimates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fuseformer.bench.harness import Case
+from fuseformer.models import BERT, GPT, BERTConfig, GPTConfig
+
+FAMILY = "models"
+
+
+def _configs(device: str, quick: bool):
+    if device == "cuda":
+        gpt = GPTConfig.gpt2_small(vocab_size=50304)
+        bert = BERTConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        shapes = dict(latency=(1, 1024), throughput=(16, 1024), train=(8, 1024), decode=(1, 128, 128),
+                      bert_latency=(1, 128), bert_throughput=(64, 512), bert_train=(32, 512))
+        if quick:
+            shapes.update(throughput=(4, 1024), train=(4, 1024), bert_throughput=(16, 512), bert_train=(8, 512))
+    else:
+        gpt = GPTConfig(block_size=256, vocab_size=256, n_layer=4, n_head=4, n_embd=256)
+        bert = BERTConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=1024, max_position_embeddings=256, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+        shapes = dict(latency=(1, 128), throughput=(8, 256), train=(8, 256), decode=(1, 16, 32),
+                      bert_latency=(1, 128), bert_throughput=(16, 256), bert_train=(8, 256))
+        if quick:
+            gpt.n_layer = bert.num_hidden_layers = 2
+            shapes.update(throughput=(4, 128), train=(4, 128), decode=(1, 8, 8), bert_throughput=(4, 128),
+                          bert_train=(4, 128))
+    return gpt, bert, shapes
+
+
+def _pair(model_cls, config, device, dtype):
+    torch.manual_seed(0)
+    ours = model_cls(config, backend="fuseformer").to(device=device, dtype=dtype)
+    theirs = model_cls(config, backend="torch").to(device=device, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _infer(model, *inputs):
+    def run():
+        with torch.no_grad():
+            return model(*inputs)
+    return run
+
+
+def _train(model, *inputs):
+    def run():
+        out = model(*inputs)
+        loss = out[1] if isinstance(out, tuple) else out.float().square().mean()
+        loss.backward()
+        return loss
+    return run
+
+
+def _flops_per_token(config: GPTConfig | BERTConfig, params: int, seq: int) -> float:
+    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+    width = getattr(config, "n_embd", None) or config.hidden_size
+    return 2 * params + 2 * layers * seq * width
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    gpt_config, bert_config, shapes = _configs(device, quick)
+
+    gpt, gpt_ref = _pair(GPT, gpt_config, device, dtype)
+    params = sum(p.numel() for p in gpt.parameters())
+    compiled = torch.compile(gpt_ref, dynamic=False)
+    for label, key in (("GPT inference", "latency"), ("GPT inference", "throughput")):
+        batch, seq = shapes[key]
+        idx = torch.randint(0, gpt_config.vocab_size, (batch, seq), device=device)
+        tokens = batch * seq
+        impls = {"fuseformer": _infer(gpt.eval(), idx), "torch eager": _infer(gpt_ref.eval(), idx),
+                 "torch.compile": _infer(compiled, idx)}
+        yield Case(FAMILY, label, "fwd", (batch, seq), dtype, impls,
+                   flops=tokens * _flops_per_token(gpt_config, params, seq), tokens=tokens)
+    batch, seq = shapes["train"]
+    idx = torch.randint(0, gpt_config.vocab_size, (batch, seq), device=device)
+    targets = torch.randint(0, gpt_config.vocab_size, (batch, seq), device=device)
+    gpt.train(), gpt_ref.train()
+    impls = {"fuseformer": _train(gpt, idx, targets), "torch eager": _train(gpt_ref, idx, targets),
+             "torch.compile": _train(torch.compile(gpt_ref, dynamic=False), idx, targets)}
+    yield Case(FAMILY, "GPT train step", "fwd+bwd", (batch, seq), dtype, impls,
+               flops=3 * batch * seq * _flops_per_token(gpt_config, params, seq), tokens=batch * seq)
+    batch, prompt, new = shapes["decode"]
+    idx = torch.randint(0, gpt_config.vocab_size, (batch, prompt), device=device)
+    gpt.eval(), gpt_ref.eval()
+    impls = {"fuseformer": lambda: gpt.generate(idx, new, temperature=0),
+             "torch eager": lambda: gpt_ref.generate(idx, new, temperature=0)}
+    yield Case(FAMILY, "GPT decode (KV cache)", "fwd", (batch, prompt, new), dtype, impls,
+               flops=batch * new * 2 * params, tokens=batch * new)
+
+
+    bert, bert_ref = _pair(BERT, bert_config, device, dtype)
+    params = sum(p.numel() for p in bert.parameters())
+    compiled = torch.compile(bert_ref.eval(), dynamic=False)
+    for label, key in (("BERT inference", "bert_latency"), ("BERT inference", "bert_throughput")):
+        batch, seq = shapes[key]
+        ids = torch.randint(0, bert_config.vocab_size, (batch, seq), device=device)
+        mask = torch.ones_like(ids)
+        mask[batch // 2 :, seq * 3 // 4 :] = 0  # half the batch padded
+        tokens = batch * seq
+        impls = {"fuseformer": _infer(bert.eval(), ids, mask), "torch eager": _infer(bert_ref.eval(), ids, mask),
+                 "torch.compile": _infer(compiled, ids, mask)}
+        yield Case(FAMILY, label, "fwd", (batch, seq), dtype, impls,
+                   flops=tokens * (2 * params + 4 * bert_config.num_hidden_layers * seq * bert_config.hidden_size),
+                   tokens=tokens)
+    batch, seq = shapes["bert_train"]
+    ids = torch.randint(0, bert_config.vocab_size, (batch, seq), device=device)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, bert_config.num_labels, (batch,), device=device)
+    bert.train(), bert_ref.train()
+    impls = {"fuseformer": _train(bert, ids, mask, None, labels), "torch eager": _train(bert_ref, ids, mask, None, labels),
+             "torch.compile": _train(torch.compile(bert_ref, dynamic=False), ids, mask, None, labels)}
+    yield Case(FAMILY, "BERT train step", "fwd+bwd", (batch, seq), dtype, impls,
+               flops=3 * batch * seq * (2 * params + 4 * bert_config.num_hidden_layers * seq * bert_config.hidden_size),
+               tokens=batch * seq)
