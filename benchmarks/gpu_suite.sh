@@ -5,9 +5,11 @@
 #   bash benchmarks/gpu_suite.sh [STAGE ...] [--out DIR]
 #
 # Stages (default: all, in this order): build, info, test, bench. Each finishes in well
-# under 10 minutes and can be run alone; "bench" runs every benchmark family, each under its
-# own 10-minute limit, and "bench:<family>" (bench:norms, bench:attention) one of them. Results go to DIR (default
-# benchmarks/results/<gpu-name>/): build.log, info.txt, tests.log, per benchmark family
+# under 10 minutes and can be run alone; "test:<name>" runs tests/test_<name>.py alone (when
+# the whole suite's first-time Triton compiles would not fit one call), "bench" runs every
+# benchmark family, each under its own 10-minute limit, and "bench:<family>" (bench:norms,
+# bench:attention, bench:linear, bench:mlp, bench:models) one of them. Results go to DIR (default
+# benchmarks/results/<gpu-name>/): build.log, info.txt, tests[-<name>].log, per benchmark family
 # <family>.json / .md / .png, and report.md / report.html / roofline.png over all of them.
 # Commit them with the versions they record, then regenerate the README's table:
 #   fuseformer report benchmarks/results/<gpu-name> --readme README.md
@@ -19,7 +21,7 @@ stages=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
-    info|build|test|bench|bench:*|all) stages+=("$1"); shift ;;
+    info|build|test|test:*|bench|bench:*|all) stages+=("$1"); shift ;;
     *) echo "gpu_suite: unknown argument '$1' (stages: info build test bench all; --out DIR)" >&2; exit 2 ;;
   esac
 done
@@ -51,12 +53,16 @@ for stage in "${stages[@]}"; do
       (cd /tmp && $PY -m fuseformer.cli info) >"$out/info.txt" 2>&1
       cat "$out/info.txt"
       ;;
-    test)
+    test|test:*)
       # xdist spreads Triton's JIT compiles over the cores; the GPU is shared by the workers.
       workers=""
       $PY -c "import xdist" 2>/dev/null && workers="-n 8"
-      timeout 540 $PY -m pytest tests -q -rfEs $workers --durations=20 >"$out/tests.log" 2>&1 || status=1
-      tail -30 "$out/tests.log"
+      target=tests log="$out/tests.log"
+      if [ "$stage" != test ]; then
+        target="tests/test_${stage#test:}.py" log="$out/tests-${stage#test:}.log"
+      fi
+      timeout 540 $PY -m pytest "$target" -q -rfEs $workers --durations=20 >"$log" 2>&1 || status=1
+      tail -30 "$log"
       ;;
     bench|bench:*)
       families=${stage#bench:}

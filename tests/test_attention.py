@@ -506,6 +506,25 @@ def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, d
             torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlens", [[40, 40], [17, 61], [0, 9]], ids=["equal", "ragged", "empty"])
+@pytest.mark.parametrize("n_new", [1, 3])
+def test_cpu_default_decode_without_gqa(causal, seqlens, n_new):
+    # Unforced CPU decode without GQA takes SDPA over the filled cache (or the math path where
+    # a sequence is empty): the same result as the reference.
+    batch, heads, max_k, head_dim = 2, 4, 80, 32
+    k_cache, v_cache = torch.randn(batch, heads, max_k, head_dim), torch.randn(batch, heads, max_k, head_dim)
+    q = torch.randn(batch, heads, n_new, head_dim)
+    k_new, v_new = torch.randn(batch, heads, n_new, head_dim), torch.randn(batch, heads, n_new, head_dim)
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    caches = (k_cache.clone(), v_cache.clone())
+    out = fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, is_causal=causal)
+    with fuseformer.use_backend("torch"):
+        ref = fuseformer.ops.attention_with_kv_cache(q, *caches, cache_seqlens, k_new, v_new, is_causal=causal)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, caches[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend,device", DECODE_PAIRS, ids=DECODE_IDS)
 def test_decode_features_and_empty_cache(backend, device):
     batch, heads, kv_heads, max_k, head_dim = 2, 4, 1, 90, 80

@@ -645,15 +645,17 @@ def attention_with_kv_cache(
             f"{list(k_cache.shape)} and {list(v_cache.shape)}"
         )
     _check_heads(op, heads, kv_heads, v_cache.shape[1], True)
-    if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    _checks.tensor(cache_seqlens, "cache_seqlens", op)
-    _checks.same_device(cache_seqlens, "cache_seqlens", q, op, "q")
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(
-            f"{op}: cache_seqlens must be an int32 tensor of shape ({batch},) or an int, got "
-            f"{cache_seqlens.dtype} {list(cache_seqlens.shape)}"
-        )
+    # An int (every sequence equally long, the common model case) stays an int: no index
+    # tensors, no device-side checks, plain slice writes (host time per decode step).
+    uniform = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else None
+    if uniform is None:
+        _checks.tensor(cache_seqlens, "cache_seqlens", op)
+        _checks.same_device(cache_seqlens, "cache_seqlens", q, op, "q")
+        if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
+            raise ValueError(
+                f"{op}: cache_seqlens must be an int32 tensor of shape ({batch},) or an int, got "
+                f"{cache_seqlens.dtype} {list(cache_seqlens.shape)}"
+            )
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{op}: pass both k_new and v_new, or neither")
     appended = 0
@@ -669,11 +671,18 @@ def attention_with_kv_cache(
         if k_new.shape[2] != v_new.shape[2]:
             raise ValueError(f"{op}: k_new and v_new must hold the same number of tokens")
         appended = k_new.shape[2]
-    _checks.values_hold(
-        (cache_seqlens >= 0) & (cache_seqlens <= max_k - appended),
-        lambda: f"{op}: cache_seqlens (+ {appended} new tokens) must lie in [0, {max_k}] (L_max of the cache); "
-        f"got {cache_seqlens.tolist()}",
-    )
+    if uniform is not None:
+        if not 0 <= uniform <= max_k - appended:
+            raise ValueError(
+                f"{op}: cache_seqlens (+ {appended} new tokens) must lie in [0, {max_k}] (L_max of the cache); "
+                f"got {uniform}"
+            )
+    else:
+        _checks.values_hold(
+            (cache_seqlens >= 0) & (cache_seqlens <= max_k - appended),
+            lambda: f"{op}: cache_seqlens (+ {appended} new tokens) must lie in [0, {max_k}] (L_max of the cache); "
+            f"got {cache_seqlens.tolist()}",
+        )
     dropout_p, scale, window, softcap, alibi_slopes = _check_options(
         op, q, heads, batch, 0.0, scale, window, softcap, alibi_slopes, "lower_right"
     )
@@ -681,14 +690,28 @@ def attention_with_kv_cache(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{op}: num_splits must be a non-negative int, got {num_splits!r}")
     if k_new is not None and appended:
-        positions = (cache_seqlens[:, None].long() + torch.arange(appended, device=q.device)).view(batch, 1, appended, 1)
-        k_cache.scatter_(2, positions.expand(k_new.shape), k_new)
-        v_cache.scatter_(2, positions.expand(v_new.shape), v_new)
-    seqlens_k = cache_seqlens + appended
+        if uniform is not None:
+            k_cache[:, :, uniform : uniform + appended] = k_new
+            v_cache[:, :, uniform : uniform + appended] = v_new
+        else:
+            positions = (cache_seqlens[:, None].long() + torch.arange(appended, device=q.device)).view(
+                batch, 1, appended, 1
+            )
+            k_cache.scatter_(2, positions.expand(k_new.shape), k_new)
+            v_cache.scatter_(2, positions.expand(v_new.shape), v_new)
 
     backend = _kernel_backend("attention_decode", q, op, v_cache.shape[-1], False)
     if backend == "cpu" and heads == kv_heads and backends.forced_backend() is None:
-        backend = "torch"  # without GQA, SDPA is faster on CPU (backends.DEFAULTS)
+        # Without GQA, SDPA over the filled part of the cache is faster on CPU (backends.DEFAULTS).
+        if not return_lse and not softcap and alibi_slopes is None and window[0] < 0:
+            total = uniform + appended if uniform is not None else cache_seqlens + appended
+            out = _sdpa_decode(q, k_cache, v_cache, total, scale, causal=window[1] == 0)
+            if out is not None:
+                return out
+        backend = "torch"
+    if uniform is not None:
+        cache_seqlens = torch.full((batch,), uniform, dtype=torch.int32, device=q.device)
+    seqlens_k = cache_seqlens + appended
     if backend == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, alibi_slopes)
     elif backend == "cpu":
@@ -708,6 +731,30 @@ def attention_with_kv_cache(
             window[0], window[1], num_splits,
         )
     return (out, lse) if return_lse else out
+
+
+def _sdpa_decode(q, k_cache, v_cache, seqlens_k: Tensor | int, scale, causal: bool) -> Tensor | None:
+    """SDPA over the first max(seqlens_k) cache positions, the n queries at the end of each
+    sequence (CPU tensors; reading seqlens_k is free there). None where a sequence would see
+    no key (SDPA gives NaN there; the math path gives the zeros of the contract)."""
+    n_new = q.shape[2]
+    uniform = isinstance(seqlens_k, int)
+    longest = seqlens_k if uniform else int(seqlens_k.max())
+    if longest == 0 or (not uniform and bool((seqlens_k == 0).any())):
+        return None
+    keys, values = k_cache[:, :, :longest], v_cache[:, :, :longest]
+    mask = None
+    if uniform or bool((seqlens_k == longest).all()):
+        if causal and n_new > 1:
+            mask = torch.ones(n_new, longest, dtype=torch.bool, device=q.device).tril(longest - n_new)
+    else:
+        positions = torch.arange(longest, device=q.device)
+        ends = seqlens_k.long()[:, None, None, None]  # (B, 1, 1, 1)
+        mask = positions < ends  # (B, 1, 1, L): the valid keys of each sequence
+        if causal and n_new > 1:
+            pos_q = ends - n_new + torch.arange(n_new, device=q.device)[:, None]  # (B, 1, n, 1)
+            mask = mask & (positions <= pos_q)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 def _cuda_decode_limit(q, k_cache, v_cache) -> str | None:
