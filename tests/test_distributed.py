@@ -62,21 +62,26 @@ os._exit(0)
 """
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_gradients_match_single_process(tmp_path, mode):
-    batch = torch.randn(8, 5, 16)
-    torch.save(batch, tmp_path / "batch.pt")
+def run_two_ranks(script: str, tmp_path, *extra: str, timeout: float = 180) -> None:
+    """Run ``script`` as ranks 0 and 1 (argv: rank, world, port, folder, *extra); both must succeed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(r), "2", str(port), str(tmp_path), mode],
+        subprocess.Popen([sys.executable, "-c", script, str(r), "2", str(port), str(tmp_path), *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(2)
     ]
     for p in procs:
-        out, _ = p.communicate(timeout=180)
+        out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_gradients_match_single_process(tmp_path, mode):
+    batch = torch.randn(8, 5, 16)
+    torch.save(batch, tmp_path / "batch.pt")
+    run_two_ranks(WORKER, tmp_path, mode)
     grads = torch.load(tmp_path / "grads.pt")
     namespace = {}
     exec(MODEL, namespace)
@@ -125,18 +130,7 @@ def test_gpt_trains_under_ddp_like_one_process(tmp_path):
     batches = list(text_batches(tokens, 8, 32, steps=GPT_STEPS, seed=2))
     x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
     torch.save((x, y), tmp_path / "data.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = f"CONFIG = {GPT_CONFIG!r}\nSTEPS = {GPT_STEPS}\n" + GPT_WORKER
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(r), "2", str(port), str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+    run_two_ranks(f"CONFIG = {GPT_CONFIG!r}\nSTEPS = {GPT_STEPS}\n" + GPT_WORKER, tmp_path, timeout=300)
     ddp_losses = torch.load(tmp_path / "losses.pt")
 
     torch.manual_seed(0)

@@ -137,6 +137,17 @@ def matmul_ceiling(ceilings: dict[str, Any], dtype: str) -> float:
     return (ceilings.get("matmul_TFLOPs_by_dtype") or {}).get(dtype) or ceilings["matmul_TFLOPs"]
 
 
+def missing_cuda_peer(module: str, label: str, device: str) -> dict[str, str]:
+    """{label: why} when peer library ``module`` (a CUDA-only baseline) cannot be timed here."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return {label: "not installed"}
+    if device != "cuda":
+        return {label: "CUDA only"}
+    return {}
+
+
 # ---- environment --------------------------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ H hidden width); the backward twice the forward.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 import fuseformer
 from fuseformer import backends
-from fuseformer.bench.harness import Case
+from fuseformer.bench.harness import Case, missing_cuda_peer
 from fuseformer.bench.linear import timed
 
 FAMILY = "mlp"
@@ -117,8 +116,5 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
 
 
 def missing_baselines(device: str) -> dict[str, str]:
-    if importlib.util.find_spec("liger_kernel") is None:
-        return {"liger-kernel": "not installed"}
-    if device != "cuda":
-        return {"liger-kernel": "CUDA only"}
-    return {}
+    """Peer libraries this family compares against when installed, and why each is absent."""
+    return missing_cuda_peer("liger_kernel", "liger-kernel", device)

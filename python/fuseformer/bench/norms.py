@@ -3,7 +3,6 @@ forward and forward+backward, against PyTorch eager and torch.compile."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 import fuseformer
 from fuseformer import backends
-from fuseformer.bench.harness import Case
+from fuseformer.bench.harness import Case, missing_cuda_peer
 
 FAMILY = "norms"
 
@@ -113,8 +112,4 @@ def _liger(op: str):
 
 def missing_baselines(device: str) -> dict[str, str]:
     """Peer libraries this family compares against when installed, and why each is absent."""
-    if importlib.util.find_spec("liger_kernel") is None:
-        return {"liger-kernel": "not installed"}
-    if device != "cuda":
-        return {"liger-kernel": "CUDA only"}
-    return {}
+    return missing_cuda_peer("liger_kernel", "liger-kernel", device)
