@@ -3,24 +3,16 @@
 
 #include <ATen/ATen.h>
 
+#include "activation.h"
+
 #include <optional>
 #include <string_view>
 
 namespace fuseformer::linear {
 
-// The codes match kernels/linear.py (ACTIVATIONS).
-enum class Activation { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu2 = 5 };
+using fuseformer::Activation;
 
-inline Activation parse_activation(std::string_view name) {
-  if (name == "none") return Activation::kNone;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "relu2") return Activation::kRelu2;
-  TORCH_CHECK(false, "fuseformer linear: activation must be one of none, relu, gelu, gelu_tanh, silu, relu2; got '",
-              std::string(name), "'");
-}
+inline Activation parse_activation(std::string_view name) { return fuseformer::parse_activation(name, "fuseformer linear"); }
 
 struct Dims {
   int64_t m, n, k;

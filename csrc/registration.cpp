@@ -60,4 +60,12 @@ TORCH_LIBRARY(fuseformer, m) {
       "linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? weight_up, Tensor saved, Tensor saved2, "
       "str activation, bool has_bias, bool has_bias_up, bool needs_input_grad, bool needs_weight_grad) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_weight_up, Tensor grad_bias, Tensor grad_bias_up)");
+
+  // ---- conv: act(conv2d(x, weight) + bias + residual), 2-D, NCHW or channels-last ----
+  // The output has x's suggested memory format. save: keep saved = act'(pre-activation)
+  // (empty otherwise); the backward (autograd in python/fuseformer/ops/conv.py) multiplies it
+  // into the upstream gradient and runs ATen's convolution_backward.
+  m.def(
+      "conv2d_act_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[] stride, int[] padding, "
+      "int[] dilation, int groups, str activation, bool save) -> (Tensor out, Tensor saved)");
 }

@@ -59,6 +59,22 @@ def test_plain_torch_model():
     assert fuseformer.accelerate(model).replaced == []
 
 
+def test_conv_activation_pairs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(8),
+                                torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.SiLU()).eval()
+    original = copy.deepcopy(model)
+    report = fuseformer.accelerate(model)
+    assert isinstance(model[0], fuseformer.nn.Conv2dAct) and model[0].activation == "relu"
+    assert isinstance(model[3], fuseformer.nn.Conv2dAct) and model[3].activation == "silu"
+    assert any(cls == "BatchNorm2d" for _, cls, _ in report.left_alone)
+    _assert_same_outputs(original, model, torch.randn(2, 3, 12, 12))
+    assert type(fuseformer.accelerate(copy.deepcopy(original), conv=False).replaced) is list
+    untouched = copy.deepcopy(original)
+    fuseformer.accelerate(untouched, conv=False)
+    assert type(untouched[0]) is torch.nn.Conv2d
+
+
 def test_flags_turn_families_off():
     model = PlainModel()
     fuseformer.accelerate(model, norms=False, mlp=False)

@@ -8,11 +8,12 @@ What it recognises:
               transformers model that dispatches attention through its attention interface
               (GPT-2, BERT, Llama and most others): fuseformer's kernels are registered there
               as "fuseformer" and the model switched to it
-  mlp         Linear -> activation pairs in torch.nn.Sequential; transformers' MLPs of the
+  mlp         Linear -> activation pairs in torch.nn.Sequential (conv: Conv2d -> activation);
+              transformers' MLPs of the
               forms act(dense(x)) (BertIntermediate), c_proj(act(c_fc(x))) (GPT2MLP, Conv1D)
               and down_proj(act(gate_proj(x)) * up_proj(x)) (LlamaMLP and its relatives)
-  lstm, conv  torch.nn.LSTM, Conv2d(+BatchNorm)(+ReLU): reported and left alone until their
-              kernels land
+  lstm        torch.nn.LSTM: reported and left alone until its kernel lands; BatchNorm2d is
+              left alone too (folding it changes the weights: fuseformer.nn.ConvBNAct does it)
 
 Swaps are made by changing a module's class to a subclass whose ``forward`` runs the fused
 ops, so attribute names, parameters and buffers stay as they were. The returned
@@ -191,14 +192,14 @@ def accelerate(model: torch.nn.Module, *, norms: bool = True, attention: bool = 
             if mlp:
                 _fuse_hf_mlp(module, path, report, ("c_fc", "c_proj"), "act", _gpt2_mlp_forward)
         elif isinstance(module, torch.nn.Sequential):
-            if mlp:
-                _fuse_sequential(module, path, report)
+            _fuse_sequential(module, path, report, linear=mlp, conv=conv)
         elif isinstance(module, (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN)):
             if lstm:
                 report.left_alone.append((path, cls, "no fused LSTM kernel yet"))
-        elif isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+        elif isinstance(module, torch.nn.BatchNorm2d):
             if conv:
-                report.left_alone.append((path, cls, "no fused conv kernel yet"))
+                report.left_alone.append((path, cls, "folding BatchNorm would change the weights: build the block "
+                                                     "with fuseformer.nn.ConvBNAct instead"))
     return report
 
 
@@ -217,16 +218,23 @@ def _fuse_hf_mlp(module, path, report, linears, act_attr, forward) -> None:
     report.replaced.append((path, cls, f"fused GEMM + {act}"))
 
 
-def _fuse_sequential(seq: torch.nn.Sequential, path: str, report: AccelerateReport) -> None:
+def _fuse_sequential(seq: torch.nn.Sequential, path: str, report: AccelerateReport, linear: bool, conv: bool) -> None:
     """Linear followed by a fusable activation: the Linear becomes a LinearAct (same
     parameters), the activation an Identity (indices, and so state_dict keys, are kept)."""
     children = list(seq.named_children())
+    fused = {}
+    if linear:
+        fused[torch.nn.Linear] = fuseformer.nn.LinearAct
+    if conv:
+        fused[torch.nn.Conv2d] = fuseformer.nn.Conv2dAct
     for (name, layer), (act_name, act_module) in zip(children, children[1:]):
         act = activation_name(act_module)
-        if type(layer) is torch.nn.Linear and act is not None:
-            layer.__class__ = fuseformer.nn.LinearAct
+        new = fused.get(type(layer))
+        if new is not None and act is not None:
+            was = type(layer).__name__
+            layer.__class__ = new
             layer.activation = act
             setattr(seq, act_name, torch.nn.Identity())
             prefix = f"{path}." if path else ""
-            report.replaced.append((f"{prefix}{name}", f"Linear + {type(act_module).__name__}",
-                                    f"fuseformer.nn.LinearAct({act!r})"))
+            report.replaced.append((f"{prefix}{name}", f"{was} + {type(act_module).__name__}",
+                                    f"fuseformer.nn.{new.__name__}({act!r})"))

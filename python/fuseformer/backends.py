@@ -51,6 +51,10 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # (benchmarks/results/cpu/linear.md): the GEMM is 95% of the time; the fused epilogue is
     # 0.94-1.04x eager at prefill shapes.
     "linear": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
+    # Convolution + bias (+ residual) + activation: the Triton implicit GEMM on CUDA (not yet
+    # measured on a GPU); the C++ epilogue after ATen's convolution on CPU
+    # (benchmarks/results/cpu/conv.md).
+    "conv": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 }
 
 
@@ -61,6 +65,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "attention": ("torch", "triton", "cpu"),
     "attention_decode": ("torch", "triton", "cpu", "cuda"),
     "linear": BACKENDS,
+    "conv": ("torch", "triton", "cpu"),
 }
 
 

@@ -1,0 +1,25 @@
+// The activations of the fused GEMM and convolution epilogues: names and codes, shared by the
+// CPU and CUDA kernels (the codes match kernels/linear.py's ACTIVATIONS).
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <string_view>
+
+namespace fuseformer {
+
+enum class Activation { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu2 = 5 };
+
+inline Activation parse_activation(std::string_view name, const char* op) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "relu2") return Activation::kRelu2;
+  TORCH_CHECK(false, op, ": activation must be one of none, relu, gelu, gelu_tanh, silu, relu2; got '",
+              std::string(name), "'");
+}
+
+}  // namespace fuseformer

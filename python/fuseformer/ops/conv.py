@@ -1,0 +1,219 @@
+"""2-D convolution with the bias, an optional residual add and the activation fused.
+
+Public function:
+  conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+             activation="relu", residual=None)
+      = act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)
+
+Arguments as F.conv2d's (padding may be "valid" or "same"); activations as
+fuseformer.ops.linear_act's. x (N, C, H, W) in NCHW or channels-last; the output keeps x's
+memory format. Dtypes: float32, float16, bfloat16, one dtype for all tensors (autocast casts
+as it does for F.conv2d); float64 runs on the reference.
+
+Backends: "cpu" (ATen's convolution, then one fused pass for bias + residual + activation,
+csrc/cpu/conv.cpp), "triton" (implicit-GEMM forward with the epilogue fused, groups = 1,
+kernels/conv.py), "torch" (the reference). Both kernels save act' for the backward, which
+multiplies it into the upstream gradient and runs ATen's convolution_backward.
+
+Registered ops: "fuseformer::conv2d_act_fwd" (C++) and "fuseformer::triton_conv2d_act_fwd"
+(Triton), each with a fake implementation and the autograd formula below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fuseformer import _extension, backends
+from fuseformer.ops import _checks
+from fuseformer.ops.linear import ACTIVATIONS, activation_fn
+
+Tensor = torch.Tensor
+
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    """The memory format of the output: x's, as ATen's convolution chooses it."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _out_shape(x, weight, stride, padding, dilation):
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return (n, k, p, q)
+
+
+# ---- the Triton backend as a custom op -----------------------------------------------------
+
+
+@torch.library.custom_op("fuseformer::triton_conv2d_act_fwd", mutates_args=())
+def _triton_conv2d_act_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    activation: str,
+    save: bool,
+) -> tuple[Tensor, Tensor]:
+    from fuseformer.kernels import conv as triton_conv
+    from fuseformer.kernels.linear import ACTIVATIONS as CODES
+
+    return triton_conv.conv2d_act_fwd(x, weight, bias, residual, stride, padding, dilation, CODES[activation], save,
+                                      _out_format(x))
+
+
+def _conv_fwd_fake(x, weight, bias, residual, stride, padding, dilation, groups, activation, save):
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    return out, (torch.empty_like(out) if save else x.new_empty(0))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, groups, activation, _save = inputs
+    _out, saved = output
+    ctx.save_for_backward(x, weight, saved)
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.activation = activation
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.mark_non_differentiable(saved)
+
+
+def _conv_backward(ctx, grad_out, _grad_saved):
+    x, weight, saved = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    dz = grad_out * saved if ctx.activation != "none" else grad_out
+    needs = ctx.needs_input_grad
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        dz, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs[0], needs[1], False]
+    )
+    grad_b = None
+    if ctx.has_bias and needs[2]:
+        # From the float product, not the rounded dz: one rounding fewer in half precision.
+        full = grad_out.float() * saved.float() if ctx.activation != "none" else grad_out.float()
+        grad_b = full.sum((0, 2, 3)).to(grad_out.dtype)
+    grad_r = dz if ctx.has_residual and needs[3] else None
+    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None
+
+
+torch.library.register_fake("fuseformer::triton_conv2d_act_fwd")(_conv_fwd_fake)
+torch.library.register_autograd("fuseformer::triton_conv2d_act_fwd", _conv_backward, setup_context=_conv_setup_context)
+if _extension.loaded():
+    torch.library.register_fake("fuseformer::conv2d_act_fwd")(_conv_fwd_fake)
+    torch.library.register_autograd("fuseformer::conv2d_act_fwd", _conv_backward, setup_context=_conv_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------
+
+
+def _pair(value, name: str, op: str, minimum: int) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in value):
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(value)}")
+    return [int(v) for v in value]
+
+
+def _padding(padding, weight, dilation, stride, op) -> list[int] | None:
+    """Explicit padding, or None for a 'same' that needs asymmetric padding (reference path)."""
+    if padding == "valid":
+        return [0, 0]
+    if padding == "same":
+        if stride != [1, 1]:
+            raise ValueError(f"{op}: padding='same' needs stride 1 (as F.conv2d), got stride {tuple(stride)}")
+        total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+        return [t // 2 for t in total] if all(t % 2 == 0 for t in total) else None
+    if isinstance(padding, str):
+        raise ValueError(f"{op}: padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    return _pair(padding, "padding", op, 0)
+
+
+def conv2d_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    activation: str = "relu",
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` with the
+    bias, residual and activation fused into the convolution's output pass."""
+    op = "fuseformer.ops.conv2d_act"
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {activation!r}")
+    _checks.tensor(x, "x", op)
+    _checks.tensor(weight, "weight", op)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        residual = residual.to(dtype) if residual is not None else None
+    _checks.float_dtype(x, "x", op, allowed=(*_checks.FLOAT_DTYPES, torch.float64))
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {list(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be 4-D (out_channels, in_channels/groups, kH, kW), got {list(weight.shape)}")
+    _checks.same_device(weight, "weight", x, op, "x")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups must be a positive int dividing in_channels {x.shape[1]} and "
+                         f"out_channels {weight.shape[0]}, got {groups!r}")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"{op}: weight expects {weight.shape[1] * groups} input channels (in_channels/groups="
+                         f"{weight.shape[1]}, groups={groups}) but x has {x.shape[1]}")
+    stride = _pair(stride, "stride", op, 1)
+    dilation = _pair(dilation, "dilation", op, 1)
+    pad = _padding(padding, weight, dilation, stride, op)
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t is not weight:
+            _checks.tensor(t, name, op)
+            _checks.same_device(t, name, x, op, "x")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {_checks.dtype_name(t.dtype)} but x has "
+                            f"{_checks.dtype_name(x.dtype)} (one dtype expected, as F.conv2d)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}] (out_channels), got {list(bias.shape)}")
+    if pad is not None:
+        out_shape = _out_shape(x, weight, stride, pad, dilation)
+        if min(out_shape[2:]) < 1:
+            raise ValueError(f"{op}: the output would be empty ({list(out_shape)}): the input is smaller than the "
+                             "dilated kernel after padding")
+        if residual is not None and tuple(residual.shape) != out_shape:
+            raise ValueError(f"{op}: residual must have the output's shape {list(out_shape)}, got {list(residual.shape)}")
+
+    backend = backends.resolve("conv", x.device)
+    if backend != "torch":
+        why = None
+        if x.dtype == torch.float64:
+            why = "takes float32, float16 or bfloat16 (float64 runs on the \"torch\" backend)"
+        elif pad is None:
+            why = "takes symmetric padding ('same' with an even dilated kernel needs the \"torch\" backend)"
+        elif backend == "triton" and groups != 1:
+            why = "takes groups=1 (grouped and depthwise convolutions run on \"cpu\" or \"torch\")"
+        elif x.numel() == 0:
+            why = "takes non-empty input"
+        if why is not None:
+            if backends.forced_backend() is not None:
+                raise ValueError(f"{op}: the {backend!r} backend {why}")
+            backend = "torch"
+    if backend == "torch":
+        z = F.conv2d(x, weight, bias, stride, padding if pad is None else pad, dilation, groups)
+        if residual is not None:
+            z = z + residual
+        return activation_fn(activation)(z)
+    params = [t for t in (x, weight, bias, residual) if t is not None]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    fwd = torch.ops.fuseformer.triton_conv2d_act_fwd if backend == "triton" else torch.ops.fuseformer.conv2d_act_fwd
+    out, _saved = fwd(x, weight, bias, residual, stride, pad, dilation, groups, activation, save)
+    return out
