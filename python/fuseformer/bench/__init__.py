@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("norms", "attention", "linear", "mlp", "models")
+FAMILIES = ("norms", "attention", "linear", "mlp", "conv", "models")
 
 
 def family_module(name: str):
