@@ -65,15 +65,28 @@ void run_conv_epilogue(Activation act, at::Tensor& out, const at::Tensor& bias, 
   scalar_t* z_data = out.data_ptr<scalar_t>();
   const scalar_t* r_data = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* s_data = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(row_len, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  // Channels-last rows (a pixel's channels) are short: several pixels go through one call,
+  // against the bias vector repeated for that many pixels.
+  const int64_t per_call = channels_last && channels < kBlock ? kBlock / channels : 1;
+  std::vector<float> bias_tiled;
+  if (channels_last) {
+    bias_tiled.resize(per_call * channels);
+    for (int64_t i = 0; i < per_call; ++i) std::copy(b, b + channels, bias_tiled.begin() + i * channels);
+  }
+  const int64_t groups = (rows + per_call - 1) / per_call;
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(row_len * per_call, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(kFloat ? 0 : 3 * kBlock);
-    for (int64_t row = begin; row < end; ++row) {
+    for (int64_t group = begin; group < end; ++group) {
+      // A group is per_call consecutive rows; in channels-last they are contiguous and the bias
+      // pattern repeats, so the group is one row of the tiled bias.
+      const int64_t row = group * per_call;
+      const int64_t group_len = std::min(per_call, rows - row) * row_len;
       const float b0 = channels_last ? 0.0f : b[row % channels];
-      for (int64_t j0 = 0; j0 < row_len; j0 += kBlock) {
-        const int64_t len = std::min(kBlock, row_len - j0);
+      for (int64_t j0 = 0; j0 < group_len; j0 += kBlock) {
+        const int64_t len = std::min(kBlock, group_len - j0);
         const int64_t at_ = row * row_len + j0;
-        const float* br = channels_last ? b + j0 : nullptr;
+        const float* br = channels_last ? bias_tiled.data() + j0 : nullptr;
         if constexpr (kFloat) {
           conv_epilogue(act, !channels_last, r_data != nullptr, s_data != nullptr, z_data + at_, br, b0,
                         r_data ? r_data + at_ : nullptr, s_data ? s_data + at_ : nullptr, len);

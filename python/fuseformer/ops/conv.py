@@ -90,14 +90,20 @@ def _conv_backward(ctx, grad_out, _grad_saved):
     stride, padding, dilation, groups = ctx.conv
     dz = grad_out * saved if ctx.activation != "none" else grad_out
     needs = ctx.needs_input_grad
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        dz, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs[0], needs[1], False]
+    want_bias = ctx.has_bias and needs[2]
+    half = grad_out.dtype != torch.float32
+    # float32: the bias gradient comes out of ATen's convolution backward (oneDNN/cuDNN sum it
+    # in the same pass). Half dtypes: summed from the float product instead of the rounded dz,
+    # one rounding fewer than dz carries.
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        dz, x, weight, [weight.shape[0]] if want_bias and not half else None, stride, padding, dilation, False,
+        [0, 0], groups, [needs[0], needs[1], want_bias and not half],
     )
-    grad_b = None
-    if ctx.has_bias and needs[2]:
-        # From the float product, not the rounded dz: one rounding fewer in half precision.
+    if want_bias and half:
         full = grad_out.float() * saved.float() if ctx.activation != "none" else grad_out.float()
         grad_b = full.sum((0, 2, 3)).to(grad_out.dtype)
+    elif not want_bias:
+        grad_b = None
     grad_r = dz if ctx.has_residual and needs[3] else None
     return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None
 
