@@ -1,4 +1,4 @@
-"""Compile the attention and linear Triton kernels for a GPU target on a machine without a GPU.
+"""Compile the attention, linear and conv Triton kernels for a GPU target on a machine without a GPU.
 
     python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles]
 
@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import attention as A  # noqa: E402  (the source tree's kernels)
+from kernels import conv as CV  # noqa: E402
 from kernels import linear as L  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
@@ -102,6 +103,7 @@ def main() -> int:
     for arch in args.arch:
         failed |= not compile_decode(GPUTarget("cuda", arch, 32))
         failed |= not compile_linear(GPUTarget("cuda", arch, 32), args.all_tiles)
+        failed |= not compile_conv(GPUTarget("cuda", arch, 32))
     return 1 if failed else 0
 
 
@@ -180,6 +182,28 @@ def compile_decode(target) -> bool:
                 except Exception as exc:  # noqa: BLE001
                     print(f"FAIL  sm_{target.arch} {fn.fn.__name__} {dtype} D{block_d}: {type(exc).__name__}: {str(exc)[:200]}")
                     ok = False
+    return ok
+
+
+def compile_conv(target) -> bool:
+    """The implicit-GEMM convolution (kernels/conv.py): fp16/bf16 with its GPU tile, fp32 with the
+    full-precision one; bias, residual and the saved derivative on."""
+    ok = True
+    for dtype in ("fp16", "bf16", "fp32"):
+        m, n, k, w, st = CV._FP32_TILE if dtype == "fp32" else CV._GPU_TILE
+        consts = dict(ACT=2, HAS_BIAS=True, HAS_RESIDUAL=True, SAVE=True, SOFTWARE_BF16=False,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
+        sig = {name: "constexpr" if name in consts else (f"*{dtype}" if name.endswith("_ptr") else "i32")
+               for name in inspect.signature(CV._conv_fwd.fn).parameters}
+        start = time.time()
+        try:
+            kernel = triton.compile(ASTSource(CV._conv_fwd, sig, constexprs=consts), target=target,
+                                    options={"num_warps": w, "num_stages": st})
+            print(f"ok    sm_{target.arch} conv fwd {dtype} {(m, n, k, w, st)}: {time.time() - start:5.1f} s, "
+                  f"shared {kernel.metadata.shared} B")
+        except Exception as exc:  # noqa: BLE001
+            print(f"FAIL  sm_{target.arch} conv fwd {dtype}: {type(exc).__name__}: {str(exc)[:300]}")
+            ok = False
     return ok
 
 

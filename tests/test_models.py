@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fuseformer
-from fuseformer.models import BERT, GPT, BERTConfig, ByteTokenizer, GPTConfig, synthetic_corpus, text_batches
+from fuseformer.models import (BERT, GPT, BERTConfig, ByteTokenizer, GPTConfig, ResNet, ResNetConfig, synthetic_corpus,
+                               synthetic_images, text_batches)
 from accuracy import assert_matches_reference
 
 TINY_GPT = dict(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
@@ -153,3 +155,57 @@ def test_models_compile_fullgraph():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="backend must be 'torch' or 'fuseformer'"):
         GPT(GPTConfig(**TINY_GPT), backend="jax")
+
+
+TINY_RESNET = dict(layers=(1, 1, 1, 1), num_classes=4, stem="cifar", width=8)
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_resnet_backends_agree_in_eval_and_train(stem, layout):
+    config = ResNetConfig(**{**TINY_RESNET, "stem": stem})
+    torch.manual_seed(0)
+    ref = ResNet(config, backend="torch")
+    ours = ResNet(config, backend="fuseformer")
+    assert list(ref.state_dict()) == list(ours.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    # Train mode (batch statistics), then eval (BatchNorm folded into the convolutions).
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+    for (name, buf), (_, buf_ref) in zip(ours.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(buf, buf_ref, msg=name)  # BatchNorm running statistics
+    ref.eval(), ours.eval()
+    out, out_ref = ours(x), ref(x)
+    out64 = ref.double()(x.double())
+    assert_matches_reference("ResNet eval", out.detach(), out64.detach(), out_ref.detach())
+
+
+def test_resnet18_layout():
+    config = ResNetConfig.resnet18()
+    with torch.device("meta"):
+        model = ResNet(config, backend="fuseformer")
+    assert 11_600_000 < sum(p.numel() for p in model.parameters()) < 11_800_000  # torchvision's 11.69M
+
+
+def test_resnet_trains_alike_on_both_backends():
+    images, labels = synthetic_images(256, size=16, seed=1)
+    curves = {}
+    for backend in ("torch", "fuseformer"):
+        torch.manual_seed(0)
+        model = ResNet(ResNetConfig(**TINY_RESNET), backend=backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        curve = []
+        for step in range(25):
+            idx = torch.arange(step * 32, step * 32 + 32) % 256
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves[backend] = curve
+    ref, ours = curves["torch"], curves["fuseformer"]
+    assert sum(ours[-5:]) < 0.7 * sum(ours[:5]), ours
+    for step, (a, b) in enumerate(zip(ref, ours)):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"

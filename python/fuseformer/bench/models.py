@@ -1,4 +1,4 @@
-"""Benchmark cases for the reference models: each model built with backend="fuseformer"
+"""Benchmark cases for the reference models (GPT, BERT, ResNet-18): each model built with backend="fuseformer"
 against the same model (same weights) on backend="torch", eager and under torch.compile.
 
 Per model: inference latency (batch 1) and throughput (a large batch), a training step
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from fuseformer.bench.harness import Case
-from fuseformer.models import BERT, GPT, BERTConfig, GPTConfig
+from fuseformer.models import BERT, GPT, BERTConfig, GPTConfig, ResNet, ResNetConfig
 
 FAMILY = "models"
 
@@ -127,3 +127,34 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     yield Case(FAMILY, "BERT train step", "fwd+bwd", (batch, seq), dtype, impls,
                flops=3 * batch * seq * (2 * params + 4 * bert_config.num_hidden_layers * seq * bert_config.hidden_size),
                tokens=batch * seq)
+
+    yield from _resnet_cases(device, dtype, quick)
+
+
+def _resnet_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """ResNet-18, channels-last: inference latency (batch 1) and throughput, a training step.
+    FLOPs: 2 x 1.82 GMAC per 224x224 image forward (ImageNet stem), scaled by the image area."""
+    if device == "cuda":
+        size, shapes = 224, dict(latency=1, throughput=128 if not quick else 32, train=64 if not quick else 16)
+        config = ResNetConfig.resnet18()
+    else:
+        size, shapes = 64, dict(latency=1, throughput=16 if not quick else 4, train=8 if not quick else 2)
+        config = ResNetConfig.resnet18(num_classes=10)
+    flops_per_image = 2 * 1.82e9 * (size / 224) ** 2
+    ours, theirs = _pair(ResNet, config, device, dtype)
+    ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
+    compiled = torch.compile(theirs, dynamic=False)
+    for key in ("latency", "throughput"):
+        batch = shapes[key]
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        ours.eval(), theirs.eval()
+        impls = {"fuseformer": _infer(ours, x), "torch eager": _infer(theirs, x), "torch.compile": _infer(compiled, x)}
+        yield Case(FAMILY, "ResNet-18 inference", "fwd", (batch, 3, size, size), dtype, impls,
+                   flops=batch * flops_per_image, tokens=batch)
+    batch = shapes["train"]
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    ours.train(), theirs.train()
+    impls = {"fuseformer": _train(ours, x), "torch eager": _train(theirs, x),
+             "torch.compile": _train(torch.compile(theirs, dynamic=False), x)}
+    yield Case(FAMILY, "ResNet-18 train step", "fwd+bwd", (batch, 3, size, size), dtype, impls,
+               flops=3 * batch * flops_per_image, tokens=batch)
