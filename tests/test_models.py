@@ -209,3 +209,17 @@ def test_resnet_trains_alike_on_both_backends():
     assert sum(ours[-5:]) < 0.7 * sum(ours[:5]), ours
     for step, (a, b) in enumerate(zip(ref, ours)):
         assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"
+
+
+@pytest.mark.parametrize("model", ["gpt", "resnet"])
+def test_train_command_compares_backends(tmp_path, model):
+    from fuseformer.cli import main
+
+    assert main(["train", model, "--steps", "4", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"train_{model}.{ext}").exists()
+    import json
+
+    summary = json.loads((tmp_path / f"train_{model}.json").read_text())
+    assert len(summary["curves"]["fuseformer"]) == 4
+    assert summary["max_relative_gap"] < 1e-3  # a few steps from the same weights: the same curve

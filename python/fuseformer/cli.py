@@ -3,6 +3,7 @@
     fuseformer info                               versions, backends, defaults
     fuseformer bench [family ...] [--quick] [--out DIR] [--device cpu|cuda] [--dtype ...]
     fuseformer report DIR [--readme README.md]    one report from a folder of results
+    fuseformer train gpt|resnet [--steps N]       both backends from the same weights: loss curves
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fuseformer.models import train
+
+    summary = train.compare(args.model, args.steps, Path(args.out), args.device, args.seed)
+    for backend in ("torch", "fuseformer"):
+        print(f"{args.model} [{backend}]: loss {summary['first_loss'][backend]:.4f} -> "
+              f"{summary['last_loss'][backend]:.4f} in {summary['seconds'][backend]:.1f} s")
+    print(f"largest per-step relative gap between the curves: {summary['max_relative_gap']:.2e}; "
+          f"wrote {args.out}/train_{args.model}.{{json,md,png}}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fuseformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,7 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="build report.md/html and plots from a folder of benchmark results")
     rep.add_argument("folder", help="a folder with <family>.json results (fuseformer bench --out, the GPU suite)")
     rep.add_argument("--readme", help="also regenerate this README's results section from them")
+    tr = sub.add_parser("train", help="train a reference model on both backends and compare the loss curves")
+    tr.add_argument("model", choices=["gpt", "resnet"])
+    tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument("--out", default="train-out")
+    tr.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
+    tr.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args)
     if args.command == "report":
         return _report(args)
     if args.command == "info":
