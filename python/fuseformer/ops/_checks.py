@@ -31,6 +31,8 @@ def same_device(t: torch.Tensor, name: str, ref: torch.Tensor, op: str, ref_name
 
 
 def shape_tuple(shape: int | Iterable[int] | torch.Size, name: str, op: str) -> tuple[int, ...]:
+    if type(shape) is tuple and all(type(s) is int and s > 0 for s in shape) and shape:
+        return shape  # the common case, without building a new tuple
     if isinstance(shape, int):
         shape = (shape,)
     try:

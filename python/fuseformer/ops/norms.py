@@ -156,12 +156,13 @@ def _check_param(param, name, input, normalized_shape, op):
         return
     _checks.tensor(param, name, op)
     _checks.same_device(param, name, input, op)
-    if tuple(param.shape) != normalized_shape:
+    if param.shape != normalized_shape:  # torch.Size compares equal to a tuple
         raise ValueError(
             f"{op}: {name} must have shape normalized_shape={list(normalized_shape)}, "
             f"got {list(param.shape)}"
         )
-    _checks.float_dtype(param, name, op, allowed=tuple({input.dtype, torch.float32}))
+    if param.dtype is not input.dtype and param.dtype is not torch.float32:
+        _checks.float_dtype(param, name, op, allowed=(input.dtype, torch.float32))
 
 
 def _norm(
@@ -238,11 +239,13 @@ def _norm(
 def _torch_norm(input, residual, normalized_shape, weight, bias, eps, rms):
     """The "torch" backend: PyTorch's own ops (also the reference the tests use)."""
     summed = input + residual if residual is not None else input
-    weight = weight.to(input.dtype) if weight is not None else None
+    if weight is not None and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)
     if rms:
         out = F.rms_norm(summed, normalized_shape, weight, eps)
     else:
-        bias = bias.to(input.dtype) if bias is not None else None
+        if bias is not None and bias.dtype != input.dtype:
+            bias = bias.to(input.dtype)
         out = F.layer_norm(summed, normalized_shape, weight, bias, eps)
     return out, (summed if residual is not None else None)
 
