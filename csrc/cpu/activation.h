@@ -38,17 +38,4 @@ __attribute__((always_inline)) inline void act_and_grad(float z, float& a, float
   }
 }
 
-// Calls f(std::integral_constant<Activation, A>) for the runtime activation `act`.
-template <typename F>
-void with_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>{});
-    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kGelu: return f(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh: return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kSilu: return f(std::integral_constant<Activation, Activation::kSilu>{});
-    case Activation::kRelu2: return f(std::integral_constant<Activation, Activation::kRelu2>{});
-  }
-}
-
 }  // namespace fuseformer::cpu

@@ -230,18 +230,6 @@ std::pair<int, int> launch_shape(int64_t n) {
   return {static_cast<int>(std::max<int64_t>(blocks, 1)), kThreads};
 }
 
-template <typename F>
-void with_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>{});
-    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kGelu: return f(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh: return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kSilu: return f(std::integral_constant<Activation, Activation::kSilu>{});
-    case Activation::kRelu2: return f(std::integral_constant<Activation, Activation::kRelu2>{});
-  }
-}
-
 void launch_epilogue(Activation act, bool gated, bool save, at::Tensor& out, const at::Tensor& z, at::Tensor& us,
                      at::Tensor& s) {
   const int64_t n = out.numel();
