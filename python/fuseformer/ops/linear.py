@@ -216,14 +216,33 @@ def _autocast(tensors: list[Tensor | None], device: torch.device) -> list[Tensor
     return tensors
 
 
+def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
+    """The common case in a few comparisons (host time per call matters at decode); anything
+    else goes through _check_args, which explains what is wrong or accepts it."""
+    if type(x) is not Tensor or type(weight) is not torch.nn.Parameter and type(weight) is not Tensor:
+        return False
+    dtype, device = x.dtype, x.device
+    if dtype not in _checks.FLOAT_DTYPES or x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        return False
+    if weight.dtype != dtype or weight.device != device:
+        return False
+    for t, shape in ((weight_up, weight.shape), (bias, weight.shape[:1]), (bias_up, weight.shape[:1])):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype or t.device != device):
+            return False
+    return True
+
+
 def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Tensor | None,
          bias_up: Tensor | None, activation: str) -> Tensor:
-    activation = _check_activation(activation, op)
+    if activation not in ACTIVATIONS:
+        _check_activation(activation, op)
     _checks.tensor(x, "x", op)
-    x, weight, weight_up, bias, bias_up = _autocast([x, weight, weight_up, bias, bias_up], x.device)
-    weights = {"weight_gate": weight, "weight_up": weight_up} if weight_up is not None else {"weight": weight}
-    biases = {"bias_gate": bias, "bias_up": bias_up} if weight_up is not None else {"bias": bias}
-    _check_args(op, x, weights, biases)
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, weight_up, bias, bias_up = _autocast([x, weight, weight_up, bias, bias_up], x.device)
+    if not _plainly_valid(x, weight, weight_up, bias, bias_up):
+        weights = {"weight_gate": weight, "weight_up": weight_up} if weight_up is not None else {"weight": weight}
+        biases = {"bias_gate": bias, "bias_up": bias_up} if weight_up is not None else {"bias": bias}
+        _check_args(op, x, weights, biases)
 
     backend = backends.resolve("linear", x.device)
     if backend != "torch" and x.dtype == torch.float64:
@@ -237,8 +256,9 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
     if backend == "torch" or x.numel() == 0 or weight.numel() == 0:
         # Empty problems have nothing to fuse; PyTorch's ops give their exact semantics.
         return _torch_linear(x, weight, weight_up, bias, bias_up, activation)
-    params = [t for t in (x, weight, weight_up, bias, bias_up) if t is not None]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, weight_up, bias, bias_up)
+    )
     out, _saved, _saved2 = _fwd_op(backend)(
         x.reshape(-1, k), weight, weight_up, bias, bias_up, activation, save
     )
