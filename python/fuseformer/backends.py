@@ -57,6 +57,9 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # convolution measured 0.89-1.00x eager forward, 0.65-1.05x forward+backward: eager stays
     # the CPU default.
     "conv": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    # LSTM: the fused step kernels (not yet measured on a GPU: bench:lstm decides between
+    # the Triton step kernel, the CUDA cell and cuDNN). CPU: see benchmarks/results/cpu/lstm.md.
+    "lstm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
 }
 
 
@@ -68,6 +71,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "attention_decode": ("torch", "triton", "cpu", "cuda"),
     "linear": BACKENDS,
     "conv": ("torch", "triton", "cpu"),
+    "lstm": BACKENDS,
 }
 
 
