@@ -128,8 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   at::Tensor h_n = at::empty({s.batch, P}, x_proj.options());
   at::Tensor c_n32 = at::empty({s.batch, H}, f32);
   // The cell state: every step's when saving (the backward reads them), else two buffers.
-  at::Tensor cells = save ? at::empty({rows, H}, f32) : at::empty({2, s.batch, H}, f32);
-  at::Tensor gates = save ? at::empty({rows, 4 * H}, f32) : at::empty({0}, f32);
+  // Padding rows of the saves are never written: zeros, so the outputs are deterministic.
+  const auto saves = [&](at::IntArrayRef shape) { return s.has_padding() ? at::zeros(shape, f32) : at::empty(shape, f32); };
+  at::Tensor cells = save ? saves({rows, H}) : at::empty({2, s.batch, H}, f32);
+  at::Tensor gates = save ? saves({rows, 4 * H}) : at::empty({0}, f32);
   at::Tensor pre = at::empty({s.batch, 4 * H}, x_proj.options());
   at::Tensor h_raw = w_hr ? at::empty({s.batch, H}, x_proj.options()) : at::Tensor();
   const at::Tensor w_hh_t = w_hh.t();

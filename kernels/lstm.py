@@ -28,9 +28,15 @@ from .rounding import software_bf16, to_output
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = 2·sigmoid(2x) − 1, with the overflow-free sigmoid (libdevice's tanh fails in
-    # the interpreter).
-    return 2.0 * _sigmoid(2.0 * x) - 1.0
+    # (1 − e) / (1 + e) with e = exp(−2|x|) (libdevice's tanh fails in the interpreter); below
+    # |x| = 1/8 the subtraction would cancel (the LSTM's small cells and hidden states need
+    # relative accuracy), so there the odd Taylor series to x⁹ (truncation < 1e-10 relative).
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    p = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(ax < 0.125, p, tl.where(x < 0, -t, t))
 
 
 @triton.jit
@@ -166,8 +172,10 @@ def layer_fwd(x_proj, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, reverse: bo
     out = (torch.zeros if padding else torch.empty)((rows, proj), device=x_proj.device, dtype=x_proj.dtype)
     h_n = torch.empty_like(h0)
     c_n = torch.empty((batch, hidden), **f32)
-    cells = torch.empty((rows, hidden) if save else (2, batch, hidden), **f32)
-    gates = torch.empty((rows, 4 * hidden) if save else (0,), **f32)
+    # Padding rows of the saves are never written: zeros, so the outputs are deterministic.
+    saves = torch.zeros if padding else torch.empty
+    cells = saves((rows, hidden), **f32) if save else torch.empty((2, batch, hidden), **f32)
+    gates = saves((rows, 4 * hidden), **f32) if save else torch.empty((0,), **f32)
     h_raw = torch.empty((batch, hidden), device=x_proj.device, dtype=x_proj.dtype) if w_hr is not None else None
     precision = _dot_precision(x_proj.dtype)
     if x_proj.device.type != "cuda":
@@ -201,7 +209,9 @@ def layer_fwd(x_proj, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, reverse: bo
     if not order:
         h_n.copy_(h0)
         c_n.copy_(c0)
-    return out, h_n, c_n.to(x_proj.dtype), gates, cells if save else gates
+    if not save:
+        cells = torch.empty(0, **f32)
+    return out, h_n, c_n.to(x_proj.dtype), gates, cells
 
 
 def layer_bwd(grad_out, grad_h_n, grad_c_n, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, out, gates, cells,

@@ -4,6 +4,7 @@ same parameters and state_dict keys, same results), running fuseformer ops."""
 from fuseformer.nn.attention import MultiheadAttention
 from fuseformer.nn.conv import Conv2dAct, ConvBNAct
 from fuseformer.nn.linear import MLP, GatedMLP, LinearAct
+from fuseformer.nn.lstm import LSTM
 from fuseformer.nn.norms import LayerNorm, RMSNorm
 
-__all__ = ["Conv2dAct", "ConvBNAct", "GatedMLP", "LayerNorm", "LinearAct", "MLP", "MultiheadAttention", "RMSNorm"]
+__all__ = ["Conv2dAct", "ConvBNAct", "GatedMLP", "LayerNorm", "LinearAct", "LSTM", "MLP", "MultiheadAttention", "RMSNorm"]

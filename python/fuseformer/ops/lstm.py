@@ -141,8 +141,10 @@ def _layer_weights(params: Sequence[Tensor], has_biases: bool, num_layers: int, 
     per = len(params) // groups
     proj = per == base + 1
     weights = []
-    hidden = params[1].shape[1] if not proj else params[per - 1].shape[1]
-    real = params[1].shape[1]
+    if params[0].dim() != 2 or params[0].shape[0] % 4 or (proj and params[per - 1].dim() != 2):
+        raise ValueError(f"{_OP}: weight_ih_l0 must be 2-D (4*hidden_size, input_size), got {list(params[0].shape)}")
+    hidden = params[0].shape[0] // 4
+    real = params[per - 1].shape[0] if proj else hidden
     for idx in range(groups):
         chunk = list(params[idx * per:(idx + 1) * per])
         w_ih, w_hh = chunk[0], chunk[1]
@@ -333,8 +335,10 @@ def _padded_fused_lstm(backend, data, h0, c0, weights, num_layers, dirs, dropout
     if lengths is None:
         batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
     else:
-        if not bool((lengths[:-1] >= lengths[1:]).all()):
-            lengths, order = lengths.sort(descending=True)
+        # Sorted by length, the active rows of every step are a prefix. (Traced, whether the
+        # lengths are sorted is unknown: always sort, a stable no-op on sorted lengths.)
+        if torch.compiler.is_compiling() or not bool((lengths[:-1] >= lengths[1:]).all()):
+            lengths, order = lengths.sort(descending=True, stable=True)
             x, h0, c0 = x.index_select(1, order.to(x.device)), h0.index_select(1, order.to(x.device)), \
                 c0.index_select(1, order.to(x.device))
         batch_sizes = (lengths[None, :] > torch.arange(steps)[:, None]).sum(1)
@@ -349,6 +353,11 @@ def _padded_fused_lstm(backend, data, h0, c0, weights, num_layers, dirs, dropout
 
 def _fused_lstm(backend, rows, batch_sizes, padded, h0, c0, weights, num_layers, dirs, dropout, train):
     """The layers on rows (N, F) laid out as batch_sizes says; returns out (N, dirs·P), h_n, c_n."""
+    with torch.autocast(rows.device.type, enabled=False):  # the inputs are in the autocast dtype already
+        return _fused_layers(backend, rows, batch_sizes, padded, h0, c0, weights, num_layers, dirs, dropout, train)
+
+
+def _fused_layers(backend, rows, batch_sizes, padded, h0, c0, weights, num_layers, dirs, dropout, train):
     dtype = rows.dtype
     upcast = backend == "cpu" and dtype != torch.float32
     if upcast:  # the C++ CPU kernels compute in float32
