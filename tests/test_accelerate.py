@@ -30,12 +30,13 @@ class PlainModel(torch.nn.Module):
                                        torch.nn.SiLU(), torch.nn.Linear(32, 32))
         self.out_norm = torch.nn.RMSNorm(32)
         self.lstm = torch.nn.LSTM(32, 16, batch_first=True)
+        self.gru = torch.nn.GRU(16, 8, batch_first=True)
 
     def forward(self, x):
         h = self.norm(x)
         a, _ = self.attn(h, h, h, need_weights=False)
         h = self.out_norm(h + a + self.mlp(h))
-        return self.lstm(h)[0]
+        return self.gru(self.lstm(h)[0])[0]
 
 
 def test_plain_torch_model():
@@ -52,7 +53,9 @@ def test_plain_torch_model():
     assert isinstance(model.mlp[2], fuseformer.nn.LinearAct) and model.mlp[2].activation == "silu"
     assert type(model.mlp[4]) is torch.nn.Linear  # not followed by an activation
     assert list(model.state_dict()) == keys
-    assert any(path == "lstm" and "LSTM" in why for path, _, why in report.left_alone)
+    assert isinstance(model.lstm, fuseformer.nn.LSTM)
+    assert ("lstm", "LSTM", "fuseformer.nn.LSTM") in report.replaced
+    assert any(path == "gru" and "GRU" in why for path, _, why in report.left_alone)
     assert "replaced" in str(report)
     _assert_same_outputs(original, model, torch.randn(2, 9, 32))
     # Idempotent: a second call finds nothing new to replace.

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import fuseformer
-from fuseformer.models import (BERT, GPT, BERTConfig, ByteTokenizer, GPTConfig, ResNet, ResNetConfig, synthetic_corpus,
-                               synthetic_images, text_batches)
+from fuseformer.models import (BERT, GPT, BERTConfig, ByteTokenizer, GPTConfig, LSTMClassifier, LSTMConfig,
+                               LSTMLanguageModel, ResNet, ResNetConfig, synthetic_corpus, synthetic_images,
+                               synthetic_sequences, text_batches)
 from accuracy import assert_matches_reference
 
 TINY_GPT = dict(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
@@ -211,7 +212,7 @@ def test_resnet_trains_alike_on_both_backends():
         assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"
 
 
-@pytest.mark.parametrize("model", ["gpt", "resnet"])
+@pytest.mark.parametrize("model", ["gpt", "resnet", "lstm"])
 def test_train_command_compares_backends(tmp_path, model):
     from fuseformer.cli import main
 
@@ -223,3 +224,121 @@ def test_train_command_compares_backends(tmp_path, model):
     summary = json.loads((tmp_path / f"train_{model}.json").read_text())
     assert len(summary["curves"]["fuseformer"]) == 4
     assert summary["max_relative_gap"] < 1e-3  # a few steps from the same weights: the same curve
+
+
+# ---- LSTM models ---------------------------------------------------------------------------
+
+TINY_LSTM = dict(vocab_size=64, embed_dim=24, hidden_size=24, num_layers=2)
+TINY_CLASSIFIER = dict(vocab_size=16, embed_dim=12, hidden_size=16, num_layers=2, bidirectional=True, num_classes=2)
+
+
+def test_lstm_models_share_state_dict_keys():
+    for cls, config in ((LSTMLanguageModel, LSTMConfig(**TINY_LSTM)), (LSTMClassifier, LSTMConfig(**TINY_CLASSIFIER))):
+        ref, ours = _pair(cls, config)
+        assert list(ref.state_dict()) == list(ours.state_dict())
+        assert isinstance(ours.lstm, fuseformer.nn.LSTM) and type(ref.lstm) is torch.nn.LSTM
+    with pytest.raises(ValueError, match="tied decoder"):
+        LSTMLanguageModel(LSTMConfig(embed_dim=16, hidden_size=32))
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'fuseformer'"):
+        LSTMClassifier(LSTMConfig(**TINY_CLASSIFIER), backend="keras")
+
+
+def test_lstm_lm_matches_float64_reference():
+    ref, ours = _pair(LSTMLanguageModel, LSTMConfig(**TINY_LSTM, proj_size=0))
+    idx, targets = torch.randint(0, 64, (3, 11)), torch.randint(0, 64, (3, 11))
+    ref64 = LSTMLanguageModel(LSTMConfig(**TINY_LSTM), backend="torch").double().eval()
+    ref64.load_state_dict(ref.state_dict())
+    logits64, loss64, (h64, c64) = ref64(idx, targets)
+    logits32, loss32, (h32, c32) = ref(idx, targets)
+    logits, loss, (h, c) = ours(idx, targets)
+    assert_matches_reference("logits", logits, logits64, logits32)
+    assert_matches_reference("h_n", h, h64, h32)
+    assert_matches_reference("c_n", c, c64, c32)
+    loss.backward()
+    loss32.backward()
+    loss64.backward()
+    for (name, p), p32, p64 in zip(ours.named_parameters(), ref.parameters(), ref64.parameters()):
+        assert_matches_reference(f"grad {name}", p.grad, p64.grad, p32.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "fuseformer"])
+def test_lstm_lm_generate_carries_the_state(backend):
+    """Greedy generation with the carried state gives the tokens a full recompute picks."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LSTMConfig(**TINY_LSTM), backend=backend).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    out = model.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    seq = prompt
+    for _ in range(6):
+        logits, _, _ = model(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_lstm_lm_trains_alike_on_both_backends():
+    tokens = ByteTokenizer.encode(synthetic_corpus(20_000, seed=3))
+    curves = {}
+    for backend in ("torch", "fuseformer"):
+        torch.manual_seed(0)
+        model = LSTMLanguageModel(LSTMConfig(vocab_size=256, embed_dim=32, hidden_size=32, num_layers=2),
+                                  backend=backend)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        curve = []
+        for x, y in text_batches(tokens, 8, 32, steps=30, seed=5):
+            _, loss, _ = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves[backend] = curve
+    ref, ours = curves["torch"], curves["fuseformer"]
+    assert sum(ours[-5:]) < 0.7 * sum(ours[:5]), ours
+    for step, (a, b) in enumerate(zip(ref, ours)):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"
+
+
+def test_lstm_classifier_matches_reference_with_variable_lengths():
+    ref, ours = _pair(LSTMClassifier, LSTMConfig(**TINY_CLASSIFIER))
+    tokens, lengths, labels = synthetic_sequences(6, vocab_size=16, min_len=2, max_len=9, seed=1)
+    ref64 = LSTMClassifier(LSTMConfig(**TINY_CLASSIFIER), backend="torch").double().eval()
+    ref64.load_state_dict(ref.state_dict())
+    (l64, _), (l32, _), (logits, _) = ref64(tokens, lengths), ref(tokens, lengths), ours(tokens, lengths)
+    assert_matches_reference("logits", logits, l64, l32)
+    # Padding never reaches the result: other padding tokens, the same logits.
+    noisy = tokens.masked_fill(torch.arange(9)[None, :] >= lengths[:, None], 5)
+    torch.testing.assert_close(ours(noisy, lengths)[0], logits)
+
+
+def test_lstm_classifier_trains_alike_on_both_backends():
+    tokens, lengths, labels = synthetic_sequences(512, vocab_size=8, min_len=4, max_len=24, seed=2)
+    curves = {}
+    for backend in ("torch", "fuseformer"):
+        torch.manual_seed(0)
+        model = LSTMClassifier(LSTMConfig(vocab_size=8, embed_dim=16, hidden_size=32, num_layers=1,
+                                          bidirectional=True), backend=backend)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(3)
+        curve = []
+        for _ in range(40):
+            idx = torch.randint(0, 512, (32,), generator=gen)
+            _, loss = model(tokens[idx], lengths[idx], labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves[backend] = curve
+    ref, ours = curves["torch"], curves["fuseformer"]
+    assert sum(ours[-5:]) < 0.8 * sum(ours[:5]), ours
+    for step, (a, b) in enumerate(zip(ref, ours)):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"
+
+
+def test_lstm_models_compile_fullgraph():
+    _, lm = _pair(LSTMLanguageModel, LSTMConfig(**TINY_LSTM))
+    idx = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(torch.compile(lm, fullgraph=True)(idx)[0], lm(idx)[0], rtol=1e-4, atol=1e-5)
+    _, clf = _pair(LSTMClassifier, LSTMConfig(**TINY_CLASSIFIER))
+    tokens, lengths, _ = synthetic_sequences(4, vocab_size=16, max_len=9, seed=4)
+    torch.testing.assert_close(torch.compile(clf, fullgraph=True)(tokens, lengths)[0], clf(tokens, lengths)[0],
+                               rtol=1e-4, atol=1e-5)

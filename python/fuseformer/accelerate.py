@@ -12,8 +12,10 @@ What it recognises:
               transformers' MLPs of the
               forms act(dense(x)) (BertIntermediate), c_proj(act(c_fc(x))) (GPT2MLP, Conv1D)
               and down_proj(act(gate_proj(x)) * up_proj(x)) (LlamaMLP and its relatives)
-  lstm        torch.nn.LSTM: reported and left alone until its kernel lands; BatchNorm2d is
-              left alone too (folding it changes the weights: fuseformer.nn.ConvBNAct does it)
+  lstm        torch.nn.LSTM (fuseformer.nn.LSTM: the same parameters; afterwards an RNNBase in
+              LSTM mode rather than a torch.nn.LSTM, which is what lets it compile); GRU and
+              plain RNN are reported and left alone
+  BatchNorm2d is left alone (folding it changes the weights: fuseformer.nn.ConvBNAct does it)
 
 Swaps are made by changing a module's class to a subclass whose ``forward`` runs the fused
 ops, so attribute names, parameters and buffers stay as they were. The returned
@@ -193,9 +195,16 @@ def accelerate(model: torch.nn.Module, *, norms: bool = True, attention: bool = 
                 _fuse_hf_mlp(module, path, report, ("c_fc", "c_proj"), "act", _gpt2_mlp_forward)
         elif isinstance(module, torch.nn.Sequential):
             _fuse_sequential(module, path, report, linear=mlp, conv=conv)
-        elif isinstance(module, (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN)):
+        elif isinstance(module, torch.nn.LSTM):
             if lstm:
-                report.left_alone.append((path, cls, "no fused LSTM kernel yet"))
+                if type(module) is torch.nn.LSTM:
+                    module.__class__ = fuseformer.nn.LSTM
+                    report.replaced.append((path, cls, "fuseformer.nn.LSTM"))
+                else:
+                    report.left_alone.append((path, cls, "a subclass with its own forward"))
+        elif isinstance(module, (torch.nn.GRU, torch.nn.RNN)):
+            if lstm:
+                report.left_alone.append((path, cls, "no fused GRU / RNN kernel (fuseformer fuses the LSTM)"))
         elif isinstance(module, torch.nn.BatchNorm2d):
             if conv:
                 report.left_alone.append((path, cls, "folding BatchNorm would change the weights: build the block "

@@ -3,7 +3,7 @@
     fuseformer info                               versions, backends, defaults
     fuseformer bench [family ...] [--quick] [--out DIR] [--device cpu|cuda] [--dtype ...]
     fuseformer report DIR [--readme README.md]    one report from a folder of results
-    fuseformer train gpt|resnet [--steps N]       both backends from the same weights: loss curves
+    fuseformer train gpt|resnet|lstm [--steps N]  both backends from the same weights: loss curves
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("folder", help="a folder with <family>.json results (fuseformer bench --out, the GPU suite)")
     rep.add_argument("--readme", help="also regenerate this README's results section from them")
     tr = sub.add_parser("train", help="train a reference model on both backends and compare the loss curves")
-    tr.add_argument("model", choices=["gpt", "resnet"])
+    tr.add_argument("model", choices=["gpt", "resnet", "lstm"])  # fuseformer.models.train.MODELS
     tr.add_argument("--steps", type=int, default=300)
     tr.add_argument("--out", default="train-out")
     tr.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("norms", "attention", "linear", "mlp", "conv", "models")
+FAMILIES = ("norms", "attention", "linear", "mlp", "conv", "lstm", "models")
 
 
 def family_module(name: str):

@@ -4,6 +4,7 @@ plain PyTorch over a few hundred steps, on data that ships with the package.
 
     fuseformer train gpt --steps 300 --out DIR      # byte-level LM on synthetic_corpus()
     fuseformer train resnet --steps 300 --out DIR   # 4-class synthetic_images()
+    fuseformer train lstm --steps 300 --out DIR     # byte-level LSTM LM on synthetic_corpus()
 
 Writes DIR/train_<model>.json (both curves, timings, settings), .md (summary) and .png (plot).
 """
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 
 from fuseformer.models.cnn import ResNet, ResNetConfig, synthetic_images
 from fuseformer.models.data import ByteTokenizer, synthetic_corpus, text_batches
+from fuseformer.models.rnn import LSTMConfig, LSTMLanguageModel
 from fuseformer.models.transformer import GPT, GPTConfig
 
-MODELS = ("gpt", "resnet")
+MODELS = ("gpt", "resnet", "lstm")
 
 
 def _gpt_run(backend: str, steps: int, device: str, seed: int) -> list[float]:
@@ -34,6 +36,23 @@ def _gpt_run(backend: str, steps: int, device: str, seed: int) -> list[float]:
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _lstm_run(backend: str, steps: int, device: str, seed: int) -> list[float]:
+    tokens = ByteTokenizer.encode(synthetic_corpus(200_000, seed=seed))
+    torch.manual_seed(seed)
+    model = LSTMLanguageModel(LSTMConfig(vocab_size=256, embed_dim=128, hidden_size=128, num_layers=2),
+                              backend=backend).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for x, y in text_batches(tokens, 16, 64, steps, seed=seed + 1, device=device):
+        _, loss, _ = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
     return losses
@@ -66,7 +85,7 @@ def compare(model: str, steps: int, out_dir: Path, device: str | None = None, se
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"fuseformer train: steps must be an int >= 2, got {steps!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run = _gpt_run if model == "gpt" else _resnet_run
+    run = {"gpt": _gpt_run, "resnet": _resnet_run, "lstm": _lstm_run}[model]
     curves, seconds = {}, {}
     for backend in ("torch", "fuseformer"):
         start = time.perf_counter()

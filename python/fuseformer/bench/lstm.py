@@ -1,0 +1,118 @@
+"""Benchmark cases for the LSTM: one layer (and a two-layer bidirectional stack), padded
+batches and variable-length ones, forward and forward + backward, against torch.nn.LSTM
+(cuDNN on a GPU, ATen/oneDNN on the CPU), torch.compile of it (Dynamo's RNN support switched
+on: it unrolls every step, so only for sequences up to 64 steps), and a Python loop over
+torch.nn.LSTMCell (one unidirectional layer).
+
+Variable lengths: each sequence is 50-100% of the padded length. fuseformer takes the padded
+batch and the lengths (the kernels mask by length); torch packs (pack_padded_sequence), runs
+its packed path and pads back; every implementation starts and ends with the padded tensor.
+
+FLOPs: 2·T·B·(F + P)·4H per layer and direction for the gates (+ 2·T·B·H·P with a projection),
+counting padded steps; the backward twice the forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fuseformer
+from fuseformer import backends
+from fuseformer.bench.harness import Case
+from fuseformer.bench.linear import timed
+
+FAMILY = "lstm"
+COMPILE_MAX_STEPS = 64
+
+
+def _shapes(device: str, quick: bool) -> list[tuple[int, int, int, int, bool]]:
+    """(batch, hidden (= input size), steps, layers, bidirectional)."""
+    if device == "cuda":
+        if quick:
+            return [(8, 256, 256, 1, False), (64, 1024, 128, 1, False)]
+        return [(1, 256, 512, 1, False), (8, 256, 512, 1, False), (8, 1024, 256, 1, False),
+                (64, 512, 256, 1, False), (64, 1024, 256, 1, False), (256, 1024, 64, 1, False),
+                (256, 256, 512, 1, False), (32, 512, 128, 2, True)]
+    if quick:
+        return [(8, 256, 32, 1, False)]
+    return [(1, 256, 64, 1, False), (16, 256, 64, 1, False), (64, 512, 32, 1, False), (8, 1024, 16, 1, False),
+            (16, 256, 32, 2, True)]
+
+
+def _kernel_backends(device: str) -> list[str]:
+    return [b for b in backends.available_backends(device) if b != "torch" and b in backends.IMPLEMENTED["lstm"]]
+
+
+def _cell_loop(cell: torch.nn.LSTMCell):
+    def run(x, *_params):
+        h = x.new_zeros(x.shape[1], cell.hidden_size)
+        c = torch.zeros_like(h)
+        outs = []
+        for t in range(x.shape[0]):
+            h, c = cell(x[t], (h, c))
+            outs.append(h)
+        return torch.stack(outs), h, c
+    return run
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    elt = torch.tensor([], dtype=dtype).element_size()
+    for varlen in (False, True):
+        op = "lstm[varlen]" if varlen else "lstm"
+        for direction in ("fwd", "fwd+bwd"):
+            for batch, hidden, steps, layers, bidir in _shapes(device, quick):
+                grad = direction != "fwd"
+                ref = torch.nn.LSTM(hidden, hidden, num_layers=layers, bidirectional=bidir).to(device, dtype)
+                ours_m = fuseformer.nn.LSTM(hidden, hidden, num_layers=layers, bidirectional=bidir).to(device, dtype)
+                ours_m.load_state_dict(ref.state_dict())
+                ref.requires_grad_(grad)
+                ours_m.requires_grad_(grad)
+                x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, requires_grad=grad)
+                lengths = None
+                if varlen:
+                    lengths = torch.randint(steps // 2, steps + 1, (batch,))
+                    lengths[0] = steps
+                tensors = [x, *ref.parameters()]
+                ours_tensors = [x, *ours_m.parameters()]
+
+                def eager(x, *_params):
+                    if lengths is None:
+                        out, (h, c) = ref(x)
+                        return out, h, c
+                    seq = pack_padded_sequence(x, lengths, enforce_sorted=False)
+                    out, (h, c) = ref(seq)
+                    return pad_packed_sequence(out, total_length=steps)[0], h, c
+
+                def ours(backend):
+                    def run(x, *_params):
+                        with fuseformer.use_backend(backend):
+                            out, (h, c) = ours_m(x, lengths=lengths, enforce_sorted=False)
+                        return out, h, c
+                    return run
+
+                impls = {f"fuseformer[{be}]": timed(ours(be), ours_tensors, direction) for be in _kernel_backends(device)}
+                impls["torch eager"] = timed(eager, tensors, direction)
+                if steps <= COMPILE_MAX_STEPS and not varlen:
+                    with torch._dynamo.config.patch(allow_rnn=True):
+                        compiled = torch.compile(eager, dynamic=False)
+                    impls["torch.compile"] = _with_rnn(timed(compiled, tensors, direction))
+                if layers == 1 and not bidir and not varlen:
+                    cell = torch.nn.LSTMCell(hidden, hidden).to(device, dtype).requires_grad_(grad)
+                    impls["LSTMCell loop"] = timed(_cell_loop(cell), [x, *cell.parameters()], direction)
+                dirs = 2 if bidir else 1
+                flops = sum(2 * steps * batch * ((hidden if i == 0 else dirs * hidden) + hidden) * 4 * hidden
+                            for i in range(layers)) * dirs * (3 if grad else 1)
+                moved = (x.numel() * (1 + dirs) + sum(p.numel() for p in ref.parameters())) * elt
+                yield Case(FAMILY, op, direction, (batch, hidden, steps, layers, dirs), dtype, impls,
+                           bytes=moved * (3 if grad else 1), flops=flops)
+
+
+def _with_rnn(fn):
+    """Run under Dynamo's RNN support (compilation happens at the first call)."""
+    def run():
+        with torch._dynamo.config.patch(allow_rnn=True):
+            return fn()
+    return run
