@@ -1,12 +1,13 @@
 // One LSTM layer in one direction, the time loop shared by the CPU and CUDA kernels.
 //
-// The structure the fast RNN libraries share: the input projection of every time step is one
-// GEMM done by the caller (x_proj = x W_ihᵀ + b_ih + b_hh); here, per step, the recurrent GEMM
-// (ATen: MKL/oneDNN on the CPU, cuBLAS on the GPU) and one fused pointwise pass for the gates,
-// the cell and the hidden update; the backward walks the steps the other way with one
-// pointwise pass and one GEMM per step, and the weight gradients as one GEMM each at the end.
+// The structure the fast RNN libraries share: the input projection of every time step as one
+// GEMM (x_proj = x W_ihᵀ + b, b = b_ih + b_hh); per step, the recurrent GEMM and one fused
+// pointwise pass for the gates, the cell and the hidden update; the backward walks the steps
+// the other way with one pointwise pass and one GEMM per step, and the input and weight
+// gradients as one GEMM each at the end. The device supplies the GEMM (Linear: oneDNN with
+// prepacked weights on the CPU, cuBLAS on the GPU) and the pointwise passes.
 //
-// Layout: rows of x_proj (4H wide, gates i|f|g|o as torch.nn.LSTM) grouped by time step.
+// Layout: rows of x (and of x_proj, 4H wide, gates i|f|g|o as torch.nn.LSTM) grouped by time step.
 // batch_sizes[t] rows are active at step t, non-increasing in t: the batch is sorted by length,
 // so the active rows are always a prefix (padded steps past every length have none). Step t's rows start at t·B ("padded": every step has
 // B rows, the ones past batch_sizes[t] are padding, outputs zero there) or at the sum of the
@@ -39,7 +40,7 @@ struct Steps {
   bool has_padding() const { return padded && !sizes.empty() && sizes.back() < batch; }
 };
 
-// x_proj: (rows, 4H) of `dtype` on `device` (the backward passes its gradient's shape).
+// x: `rows` rows of `dtype` on `device`; w_ih has `cols` = 4H rows.
 inline Steps check_layer_args(const char* op, int64_t rows_in, int64_t cols, at::ScalarType dtype, at::Device device,
                               const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0, const at::Tensor& c0,
                               const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, bool reverse) {
@@ -52,7 +53,7 @@ inline Steps check_layer_args(const char* op, int64_t rows_in, int64_t cols, at:
   s.batch = h0.size(0);
   s.proj = h0.size(1);
   s.hidden = c0.size(1);
-  TORCH_CHECK(cols == 4 * s.hidden, op, ": x_proj must have 4*hidden_size=", 4 * s.hidden, " columns, got ", cols);
+  TORCH_CHECK(cols == 4 * s.hidden, op, ": w_ih must have 4*hidden_size=", 4 * s.hidden, " rows, got ", cols);
   TORCH_CHECK(c0.size(0) == s.batch, op, ": c0 has ", c0.size(0), " rows but h0 has ", s.batch);
   TORCH_CHECK(w_hh.size(0) == 4 * s.hidden && w_hh.size(1) == s.proj, op, ": w_hh must be [", 4 * s.hidden, ", ",
               s.proj, "], got ", w_hh.sizes());
@@ -60,13 +61,13 @@ inline Steps check_layer_args(const char* op, int64_t rows_in, int64_t cols, at:
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == s.proj && w_hr->size(1) == s.hidden, op, ": w_hr must be [",
                 s.proj, ", ", s.hidden, "], got ", w_hr->sizes());
     TORCH_CHECK(w_hr->scalar_type() == dtype && w_hr->device() == device, op,
-                ": w_hr must have x_proj's dtype and device");
+                ": w_hr must have x's dtype and device");
   } else {
     TORCH_CHECK(s.proj == s.hidden, op, ": h0 must have hidden_size=", s.hidden, " columns without a projection");
   }
   for (const at::Tensor* t : {&h0, &c0, &w_hh}) {
     TORCH_CHECK(t->scalar_type() == dtype && t->device() == device, op,
-                ": h0, c0 and w_hh must have x_proj's dtype and device");
+                ": h0, c0 and w_hh must have x's dtype and device");
   }
   const auto* sizes = batch_sizes.const_data_ptr<int64_t>();
   const int64_t steps = batch_sizes.size(0);
@@ -80,8 +81,22 @@ inline Steps check_layer_args(const char* op, int64_t rows_in, int64_t cols, at:
     rows += padded ? s.batch : s.sizes[t];
   }
   TORCH_CHECK(steps == 0 || s.sizes[0] == s.batch, op, ": batch_sizes[0] must equal the batch size ", s.batch);
-  TORCH_CHECK(rows_in == rows, op, ": x_proj must have ", rows, " rows for these batch_sizes, got ", rows_in);
+  TORCH_CHECK(rows_in == rows, op, ": x must have ", rows, " rows for these batch_sizes, got ", rows_in);
   return s;
+}
+
+// x (rows, F), w_ih (4H, F), bias (4H,), one dtype and device.
+inline void check_input_args(const char* op, const at::Tensor& x, const at::Tensor& w_ih,
+                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2 && w_ih.size(1) == x.size(1), op,
+              ": x must be 2-D (rows, F) and w_ih (4*hidden_size, F); got ", x.sizes(), " and ", w_ih.sizes());
+  TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && w_ih.device() == x.device(), op,
+              ": w_ih must have x's dtype and device");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w_ih.size(0) && bias->scalar_type() == x.scalar_type() &&
+                    bias->device() == x.device(),
+                op, ": bias must be [", w_ih.size(0), "] with x's dtype and device");
+  }
 }
 
 // The previous step in walking order of position s of the walk: its first row and how many of
@@ -95,7 +110,23 @@ inline Prev previous(const Steps& s, int64_t position) {
   return {s.offsets[t], s.sizes[t]};
 }
 
-// What a device supplies: the fused pointwise passes of one step over rows [0, n).
+// x Wᵀ (+ addend or + bias) with ATen's GEMM (cuBLAS on the GPU).
+class AtenLinear {
+ public:
+  AtenLinear(const at::Tensor& weight, int64_t /*rows*/) : weight_(weight) {}
+  at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& addend = std::nullopt,
+                        const std::optional<at::Tensor>& bias = std::nullopt) const {
+    if (addend) return at::addmm(*addend, x, weight_.t());
+    return bias ? at::addmm(*bias, x, weight_.t()) : at::mm(x, weight_.t());
+  }
+
+ private:
+  at::Tensor weight_;
+};
+
+// What a device supplies: Linear (a class like AtenLinear: built once per weight and layer
+// call, applied at every step) and the fused pointwise passes of one step over rows [0, n).
+//
 //
 // Forward: pre (n, 4H) = x_proj rows + h_prev W_hhᵀ; c_prev rows from prev_cells (first
 // prev_rows rows) then c0; writes h (n, H) to h_out (and h_out2 if given), c to c_out and c_n,
@@ -111,16 +142,18 @@ struct CellBwd {
   int64_t n = 0, prev_rows = 0;
 };
 
-// out (rows, P), h_n (B, P), c_n (B, H) in x_proj's dtype; gates (rows, 4H) and cells (rows, H)
+// out (rows, P), h_n (B, P), c_n (B, H) in x's dtype; gates (rows, 4H) and cells (rows, H)
 // float32 when save, else empty.
 template <typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd(
-    const char* op, const at::Tensor& x_proj_in, const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0_in,
-    const at::Tensor& c0_in, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
-  TORCH_CHECK(x_proj_in.dim() == 2, op, ": x_proj must be 2-D (rows, 4*hidden_size)");
-  const Steps s = check_layer_args(op, x_proj_in.size(0), x_proj_in.size(1), x_proj_in.scalar_type(),
-                                   x_proj_in.device(), batch_sizes, padded, h0_in, c0_in, w_hh, w_hr, reverse);
-  const at::Tensor x_proj = x_proj_in.contiguous(), h0 = h0_in.contiguous();
+    const char* op, const at::Tensor& x_in, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias,
+    const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0_in, const at::Tensor& c0_in,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
+  check_input_args(op, x_in, w_ih, bias);
+  const Steps s = check_layer_args(op, x_in.size(0), w_ih.size(0), x_in.scalar_type(), x_in.device(), batch_sizes,
+                                   padded, h0_in, c0_in, w_hh, w_hr, reverse);
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor x_proj = typename Device::Linear(w_ih, x.size(0))(x, std::nullopt, bias);
   const at::Tensor c0 = c0_in.to(at::kFloat).contiguous();
   const auto f32 = x_proj.options().dtype(at::kFloat);
   const int64_t rows = x_proj.size(0), H = s.hidden, P = s.proj;
@@ -132,25 +165,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   const auto saves = [&](at::IntArrayRef shape) { return s.has_padding() ? at::zeros(shape, f32) : at::empty(shape, f32); };
   at::Tensor cells = save ? saves({rows, H}) : at::empty({2, s.batch, H}, f32);
   at::Tensor gates = save ? saves({rows, 4 * H}) : at::empty({0}, f32);
-  at::Tensor pre = at::empty({s.batch, 4 * H}, x_proj.options());
   at::Tensor h_raw = w_hr ? at::empty({s.batch, H}, x_proj.options()) : at::Tensor();
-  const at::Tensor w_hh_t = w_hh.t();
+  const typename Device::Linear recurrent(w_hh, s.batch);
+  std::optional<typename Device::Linear> projection;
+  if (w_hr) projection.emplace(*w_hr, s.batch);
   for (int64_t position = 0; position < s.steps(); ++position) {
     const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
     if (n == 0) continue;  // padded steps past every length
     const Prev prev = previous(s, position);
-    at::Tensor pre_n = pre.narrow(0, 0, n);
-    // The recurrent GEMM, in at most two row blocks: rows the previous step had (its outputs)
-    // and rows starting now (h0).
+    // The recurrent GEMM on rows the previous step had (its outputs) and rows starting now (h0).
     const int64_t from_prev = std::min(n, prev.rows);
-    if (from_prev > 0) {
-      at::Tensor dst = pre_n.narrow(0, 0, from_prev);
-      at::addmm_out(dst, x_proj.narrow(0, off, from_prev), out.narrow(0, prev.offset, from_prev), w_hh_t);
-    }
-    if (n > from_prev) {
-      at::Tensor dst = pre_n.narrow(0, from_prev, n - from_prev);
-      at::addmm_out(dst, x_proj.narrow(0, off + from_prev, n - from_prev), h0.narrow(0, from_prev, n - from_prev),
-                    w_hh_t);
+    const at::Tensor xp = x_proj.narrow(0, off, n);
+    at::Tensor pre_n;
+    if (from_prev == n) {
+      pre_n = recurrent(out.narrow(0, prev.offset, n), xp);
+    } else if (from_prev == 0) {
+      pre_n = recurrent(h0.narrow(0, 0, n), xp);
+    } else {
+      pre_n = at::cat({recurrent(out.narrow(0, prev.offset, from_prev), xp.narrow(0, 0, from_prev)),
+                       recurrent(h0.narrow(0, from_prev, n - from_prev), xp.narrow(0, from_prev, n - from_prev))});
     }
     CellFwd cell;
     cell.pre = pre_n;
@@ -175,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
     Device::cell_fwd(cell);
     if (w_hr) {
       at::Tensor out_n = out.narrow(0, off, n);
-      at::mm_out(out_n, h_raw.narrow(0, 0, n), w_hr->t());
+      out_n.copy_((*projection)(h_raw.narrow(0, 0, n)));
       h_n.narrow(0, 0, n).copy_(out_n);
     }
   }
@@ -187,18 +220,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
           save ? cells : at::empty({0}, f32)};
 }
 
-// grad_x_proj (rows, 4H), grad_h0 (B, P), grad_c0 (B, H), grad_w_hh (4H, P) and grad_w_hr
-// (P, H) (empty without a projection), in x_proj's dtype.
+// grad_x (rows, F; empty unless needs_input_grad), grad_w_ih (4H, F), grad_bias (4H; empty
+// unless has_bias), grad_h0 (B, P), grad_c0 (B, H), grad_w_hh (4H, P) and grad_w_hr (P, H)
+// (empty without a projection), in x's dtype.
 template <typename Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_bwd(
     const char* op, const at::Tensor& grad_out_in, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& x_in, const at::Tensor& w_ih, bool has_bias, bool needs_input_grad,
     const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0_in, const at::Tensor& c0_in,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& gates,
     const at::Tensor& cells, bool reverse) {
-  // x_proj is not needed: its shape is the gates'.
+  check_input_args(op, x_in, w_ih, std::nullopt);
   TORCH_CHECK(gates.dim() == 2 && out.dim() == 2 && cells.dim() == 2, op, ": out, gates and cells must be 2-D");
-  const Steps s = check_layer_args(op, gates.size(0), gates.size(1), out.scalar_type(), out.device(), batch_sizes,
+  const Steps s = check_layer_args(op, x_in.size(0), w_ih.size(0), x_in.scalar_type(), x_in.device(), batch_sizes,
                                    padded, h0_in, c0_in, w_hh, w_hr, reverse);
+  const at::Tensor x = x_in.contiguous();
   const auto dtype = out.scalar_type();
   const auto opts = out.options();
   const auto f32 = opts.dtype(at::kFloat);
@@ -218,6 +254,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_bwd
     dh_all = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
     h_raw_all = s.has_padding() ? at::zeros({rows, H}, opts) : at::empty({rows, H}, opts);
   }
+  // dh_prev = dgates W_hh and, with a projection, dh_raw = dh W_hr: x Wᵀ for W = W_hhᵀ, W_hrᵀ.
+  const typename Device::Linear recurrent_t(w_hh.t(), s.batch);
+  std::optional<typename Device::Linear> projection_t;
+  if (w_hr) projection_t.emplace(w_hr->t(), s.batch);
   for (int64_t position = s.steps() - 1; position >= 0; --position) {
     const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
     if (n == 0) continue;
@@ -237,19 +277,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_bwd
     if (w_hr) {
       at::Tensor dh = dh_all.narrow(0, off, n);
       at::add_out(dh, dh_run.narrow(0, 0, n), grad_out.narrow(0, off, n));
-      cell.dh_a = at::mm(dh, *w_hr);
+      cell.dh_a = (*projection_t)(dh);
       cell.h_raw = h_raw_all.narrow(0, off, n);
     } else {
       cell.dh_a = dh_run.narrow(0, 0, n);
       cell.dh_b = grad_out.narrow(0, off, n);
     }
     Device::cell_bwd(cell);
-    at::Tensor dh_next = dh_run.narrow(0, 0, n);
-    at::mm_out(dh_next, cell.dgates, w_hh);
+    dh_run.narrow(0, 0, n).copy_(recurrent_t(cell.dgates));
   }
+  // The input and weight gradients, one GEMM each over every step's rows.
+  at::Tensor grad_x = needs_input_grad ? typename Device::Linear(w_ih.t(), rows)(dgates) : at::empty({0}, opts);
+  at::Tensor grad_w_ih = at::mm(dgates.t(), x);
+  at::Tensor grad_bias = has_bias ? dgates.sum(0, false, at::kFloat).to(dtype) : at::empty({0}, opts);
   at::Tensor grad_w_hh = at::mm(dgates.t(), h_prev);
   at::Tensor grad_w_hr = w_hr ? at::mm(dh_all.t(), h_raw_all) : at::empty({0}, opts);
-  return {dgates, dh_run, dc_run.to(dtype), grad_w_hh, grad_w_hr};
+  return {grad_x, grad_w_ih, grad_bias, dh_run, dc_run.to(dtype), grad_w_hh, grad_w_hr};
 }
 
 }  // namespace fuseformer::lstm

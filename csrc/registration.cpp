@@ -70,16 +70,20 @@ TORCH_LIBRARY(fuseformer, m) {
       "int[] dilation, int groups, str activation, bool save) -> (Tensor out, Tensor saved)");
 
   // ---- lstm: one layer in one direction (csrc/lstm.h has the layout) ----
-  // x_proj (rows, 4H) = x W_ihᵀ + b_ih + b_hh, gates i|f|g|o; batch_sizes: int64 CPU tensor of
-  // the active rows per time step (non-increasing; the batch sorted by length). padded: step t
-  // at row t·B (outputs zero on padding rows), else packed as PackedSequence. h0 (B, P),
-  // c0 (B, H); w_hh (4H, P); w_hr (P, H) when proj_size > 0 (P = proj_size, else H).
-  // out (rows, P), h_n, c_n; save: gates (activated) and cells, float32, for the backward.
+  // x (rows, F) the layer's input, w_ih (4H, F), bias = b_ih + b_hh (4H,), gates i|f|g|o;
+  // batch_sizes: int64 CPU tensor of the active rows per time step (non-increasing; the batch
+  // sorted by length). padded: step t at row t·B (outputs zero on padding rows), else packed as
+  // PackedSequence. h0 (B, P), c0 (B, H); w_hh (4H, P); w_hr (P, H) when proj_size > 0
+  // (P = proj_size, else H). out (rows, P), h_n, c_n; save: gates (activated) and cells,
+  // float32, for the backward.
   m.def(
-      "lstm_layer_fwd(Tensor x_proj, Tensor batch_sizes, bool padded, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor? w_hr, bool reverse, bool save) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+      "lstm_layer_fwd(Tensor x, Tensor w_ih, Tensor? bias, Tensor batch_sizes, bool padded, Tensor h0, Tensor c0, "
+      "Tensor w_hh, Tensor? w_hr, bool reverse, bool save) "
+      "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // grad_x is empty unless needs_input_grad, grad_bias unless has_bias, grad_w_hr without w_hr.
   m.def(
-      "lstm_layer_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor batch_sizes, bool padded, "
-      "Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor out, Tensor gates, Tensor cells, bool reverse) "
-      "-> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_w_hr)");
+      "lstm_layer_bwd(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor w_ih, bool has_bias, "
+      "bool needs_input_grad, Tensor batch_sizes, bool padded, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
+      "Tensor out, Tensor gates, Tensor cells, bool reverse) -> (Tensor grad_x, Tensor grad_w_ih, Tensor grad_bias, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_w_hr)");
 }

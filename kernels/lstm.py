@@ -9,8 +9,8 @@ previous step wrote it (rows it had active; the rest from h0), never from a buff
 writes, so programs of one launch do not race.
 
 Backward, per step: ``_lstm_cell_bwd`` (pointwise: dgates and the cell gradient), then the
-recurrent GEMM dh_prev = dgates W_hh through torch (cuBLAS); the weight gradients are one
-GEMM each after the loop. With a projection (proj_size), h_raw = o·tanh(c) is projected by a
+recurrent GEMM dh_prev = dgates W_hh through torch (cuBLAS); the input and weight gradients
+are one GEMM each after the loop. With a projection (proj_size), h_raw = o·tanh(c) is projected by a
 GEMM after the cell.
 
 Layout and conventions (batch_sizes, padded / packed rows, walking order) as csrc/lstm.h.
@@ -161,11 +161,13 @@ def _previous(order, sizes, offsets, position):
     return offsets[t], sizes[t]
 
 
-def layer_fwd(x_proj, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, reverse: bool, save: bool):
+def layer_fwd(x, w_ih, bias, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, reverse: bool, save: bool):
     """out (rows, P), h_n, c_n, and when ``save`` the activated gates and the cells (float32)."""
     batch, hidden, proj = h0.shape[0], c0.shape[1], h0.shape[1]
     order, sizes, offsets, rows = _steps(batch_sizes, padded, batch, reverse)
-    x_proj, h0 = x_proj.contiguous(), h0.contiguous()
+    # The input projection of every step, one GEMM (cuBLAS).
+    x_proj = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
+    h0 = h0.contiguous()
     c0 = c0.float().contiguous()
     f32 = dict(device=x_proj.device, dtype=torch.float32)
     padding = padded and bool(sizes) and sizes[-1] < batch
@@ -214,9 +216,10 @@ def layer_fwd(x_proj, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, reverse: bo
     return out, h_n, c_n.to(x_proj.dtype), gates, cells
 
 
-def layer_bwd(grad_out, grad_h_n, grad_c_n, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, out, gates, cells,
-              reverse: bool):
-    """grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr (empty without a projection)."""
+def layer_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, has_bias: bool, needs_input_grad: bool, batch_sizes,
+              padded: bool, h0, c0, w_hh, w_hr, out, gates, cells, reverse: bool):
+    """grad_x (empty unless needs_input_grad), grad_w_ih, grad_bias (empty unless has_bias),
+    grad_h0, grad_c0, grad_w_hh, grad_w_hr (empty without a projection)."""
     batch, hidden, proj = h0.shape[0], c0.shape[1], h0.shape[1]
     order, sizes, offsets, rows = _steps(batch_sizes, padded, batch, reverse)
     dtype, device = out.dtype, out.device
@@ -255,6 +258,8 @@ def layer_bwd(grad_out, grad_h_n, grad_c_n, batch_sizes, padded: bool, h0, c0, w
             BLOCK_B=bb, BLOCK_H=bh,
         )
         torch.mm(dgates[off:off + n], w_hh, out=dh_run[:n])
+    grad_x = dgates @ w_ih if needs_input_grad else out.new_empty(0)
+    grad_bias = dgates.sum(0, dtype=torch.float32).to(dtype) if has_bias else out.new_empty(0)
     grad_w_hh = dgates.t() @ h_prev
     grad_w_hr = dh_all.t() @ h_raw_all if w_hr is not None else out.new_empty(0)
-    return dgates, dh_run, dc_run.to(dtype), grad_w_hh, grad_w_hr
+    return grad_x, dgates.t() @ x, grad_bias, dh_run, dc_run.to(dtype), grad_w_hh, grad_w_hr

@@ -8,6 +8,7 @@ bf16 on the Triton backend runs only on CUDA: the interpreter computes bf16 dots
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -244,6 +245,37 @@ def test_dropout_between_layers(backend, device):
     torch.testing.assert_close(e1, e2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif("cpu" not in fuseformer.available_backends("cpu"), reason="needs the C++ extension")
+@pytest.mark.parametrize("case,expected", [
+    (dict(batch=8, lengths=True), "cpu"), (dict(batch=8, proj=4), "cpu"), (dict(batch=8), "torch"),
+    (dict(batch=4, lengths=True), "torch"), (dict(batch=8, lengths=True, dtype=torch.bfloat16), "torch"),
+])
+def test_cpu_default_routes_by_measurement(monkeypatch, case, expected):
+    """Unforced CPU calls take the C++ kernels where they measured faster than torch.nn.LSTM
+    (variable lengths, projections; batch >= 8, float32) and torch's LSTM elsewhere; both give
+    torch.nn.LSTM's result."""
+    lstm_ops = importlib.import_module("fuseformer.ops.lstm")  # the module (fuseformer.ops.lstm is the function)
+    used = []
+    original = lstm_ops._layer_fwd_op
+    monkeypatch.setattr(lstm_ops, "_layer_fwd_op", lambda backend: used.append(backend) or original(backend))
+    batch, dtype = case["batch"], case.get("dtype", torch.float32)
+    ref = torch.nn.LSTM(5, 6, proj_size=case.get("proj", 0)).to(dtype)
+    ours = fuseformer.nn.LSTM(5, 6, proj_size=case.get("proj", 0)).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(7, batch, 5, dtype=dtype)
+    lengths = torch.randint(1, 8, (batch,)) if case.get("lengths") else None
+    out, (h, _) = ours(x, lengths=lengths, enforce_sorted=False)
+    if lengths is None:
+        r, (rh, _) = ref(x)
+    else:
+        r, (rh, _) = ref(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        r, _ = pad_packed_sequence(r, total_length=7)
+    assert used == ([] if expected == "torch" else [expected])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, r, **tol)
+    torch.testing.assert_close(h, rh, **tol)
+
+
 def test_float64_runs_on_torch_and_forced_kernels_refuse_it():
     m = fuseformer.nn.LSTM(3, 4).double()
     x = torch.randn(2, 1, 3, dtype=torch.float64)
@@ -266,16 +298,18 @@ def test_autocast_runs_in_the_autocast_dtype():
 # ---- registration --------------------------------------------------------------------------
 
 
-def _layer_args(device, save, proj=0, padded=True, sizes=(3, 3, 2)):
+def _layer_args(device, save, proj=0, padded=True, sizes=(3, 3, 2), features=4):
     batch, hidden = sizes[0], 5
     real = proj or hidden
     rows = len(sizes) * batch if padded else sum(sizes)
-    x_proj = torch.randn(rows, 4 * hidden, device=device, requires_grad=save)
+    x = torch.randn(rows, features, device=device, requires_grad=save)
+    w_ih = torch.randn(4 * hidden, features, device=device, requires_grad=save)
+    bias = torch.randn(4 * hidden, device=device, requires_grad=save)
     h0 = torch.randn(batch, real, device=device, requires_grad=save)
     c0 = torch.randn(batch, hidden, device=device, requires_grad=save)
     w_hh = torch.randn(4 * hidden, real, device=device, requires_grad=save)
     w_hr = torch.randn(real, hidden, device=device, requires_grad=save) if proj else None
-    return (x_proj, torch.tensor(sizes), padded, h0, c0, w_hh, w_hr)
+    return (x, w_ih, bias, torch.tensor(sizes), padded, h0, c0, w_hh, w_hr)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

@@ -1,5 +1,5 @@
-// LSTM layer on the CPU: the time loop of csrc/lstm.h with ATen's GEMMs and the fused
-// pointwise cell below (one vectorized, parallel pass per step for the four gate
+// LSTM layer on the CPU: the time loop of csrc/lstm.h with oneDNN GEMMs on weights reordered
+// once per call (csrc/cpu/gemm.h) and the fused pointwise cell below (one vectorized, parallel pass per step for the four gate
 // activations, the cell and hidden update, and the saves the backward reads; the unfused
 // step is a dozen ATen ops and as many passes over the gates). float32: the caller upcasts
 // half inputs (python/fuseformer/ops/lstm.py).
@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../lstm.h"
+#include "gemm.h"
 #include "math.h"
 #include "vectorize.h"
 
@@ -93,6 +94,8 @@ FF_VECTORIZE void cell_bwd_rows(bool two_dh, bool with_h_raw, const float* dh_a,
 }
 
 struct CpuCells {
+  using Linear = PackedLinear;
+
   static void cell_fwd(const lstm::CellFwd& a) {
     const int64_t H = a.c0.size(1);
     const float* pre = a.pre.const_data_ptr<float>();
@@ -140,22 +143,23 @@ void check_float(const at::Tensor& t, const char* op) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
-    const at::Tensor& x_proj, const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
+    const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias, const at::Tensor& batch_sizes,
+    bool padded, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
   const char* op = "fuseformer lstm_layer_fwd";
-  check_float(x_proj, op);
-  return lstm::layer_fwd<CpuCells>(op, x_proj, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save);
+  check_float(x, op);
+  return lstm::layer_fwd<CpuCells>(op, x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cells,
-    bool reverse) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
+    const at::Tensor& w_ih, bool has_bias, bool needs_input_grad, const at::Tensor& batch_sizes, bool padded,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
   const char* op = "fuseformer lstm_layer_bwd";
-  check_float(out, op);
-  return lstm::layer_bwd<CpuCells>(op, grad_out, grad_h_n, grad_c_n, batch_sizes, padded, h0, c0, w_hh, w_hr, out,
-                                   gates, cells, reverse);
+  check_float(x, op);
+  return lstm::layer_bwd<CpuCells>(op, grad_out, grad_h_n, grad_c_n, x, w_ih, has_bias, needs_input_grad,
+                                   batch_sizes, padded, h0, c0, w_hh, w_hr, out, gates, cells, reverse);
 }
 
 }  // namespace

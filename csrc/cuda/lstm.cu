@@ -81,6 +81,8 @@ T* ptr_or_null(const at::Tensor& t) {
 }
 
 struct CudaCells {
+  using Linear = lstm::AtenLinear;  // cuBLAS
+
   static void cell_fwd(const lstm::CellFwd& a) {
     const int64_t H = a.c0.size(1);
     if (a.n * H == 0) return;
@@ -111,21 +113,23 @@ struct CudaCells {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
-    const at::Tensor& x_proj, const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
-  const c10::cuda::CUDAGuard guard(x_proj.device());
-  return lstm::layer_fwd<CudaCells>("fuseformer lstm_layer_fwd", x_proj, batch_sizes, padded, h0, c0, w_hh, w_hr,
-                                    reverse, save);
+    const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias, const at::Tensor& batch_sizes,
+    bool padded, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
+  const char* op = "fuseformer lstm_layer_fwd";
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lstm::layer_fwd<CudaCells>(op, x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cells,
-    bool reverse) {
-  const c10::cuda::CUDAGuard guard(out.device());
-  return lstm::layer_bwd<CudaCells>("fuseformer lstm_layer_bwd", grad_out, grad_h_n, grad_c_n, batch_sizes, padded,
-                                    h0, c0, w_hh, w_hr, out, gates, cells, reverse);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
+    const at::Tensor& w_ih, bool has_bias, bool needs_input_grad, const at::Tensor& batch_sizes, bool padded,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
+  const char* op = "fuseformer lstm_layer_bwd";
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lstm::layer_bwd<CudaCells>(op, grad_out, grad_h_n, grad_c_n, x, w_ih, has_bias, needs_input_grad,
+                                   batch_sizes, padded, h0, c0, w_hh, w_hr, out, gates, cells, reverse);
 }
 
 }  // namespace

@@ -57,8 +57,11 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # convolution measured 0.89-1.00x eager forward, 0.65-1.05x forward+backward: eager stays
     # the CPU default.
     "conv": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    # LSTM: the fused step kernels (not yet measured on a GPU: bench:lstm decides between
-    # the Triton step kernel, the CUDA cell and cuDNN). CPU: see benchmarks/results/cpu/lstm.md.
+    # LSTM: the fused step kernels on CUDA (not yet measured on a GPU: bench:lstm decides
+    # between the Triton step kernel, the CUDA cell and cuDNN). CPU
+    # (benchmarks/results/cpu/lstm.md): the C++ kernels for variable-length batches (1.6-2.4x
+    # torch's packed path) and projections (1.3-1.7x) from batch 8; dense float32 LSTMs stay on
+    # torch's oneDNN RNN, which they do not beat (ops/lstm.py routes per call).
     "lstm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
 }
 

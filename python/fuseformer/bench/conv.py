@@ -37,6 +37,22 @@ def _kernel_backends(device: str) -> list[str]:
     return [b for b in backends.available_backends(device) if b != "torch" and b in backends.IMPLEMENTED["conv"]]
 
 
+# The implementations are built by functions, not closures in the loop: the cases are listed
+# before any runs, and a closure would see the loop's last stride and padding.
+def _eager(stride: int, pad: int):
+    def run(x, w, b, r):
+        z = F.conv2d(x, w, b, stride, pad)
+        return F.relu(z + r if r is not None else z)
+    return run
+
+
+def _ours(backend: str, stride: int, pad: int):
+    def run(x, w, b, r):
+        with fuseformer.use_backend(backend):
+            return fuseformer.ops.conv2d_act(x, w, b, stride, pad, 1, 1, "relu", r)
+    return run
+
+
 def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     elt = torch.tensor([], dtype=dtype).element_size()
     for residual in (False, True):
@@ -56,17 +72,9 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                      .contiguous(memory_format=torch.channels_last) if residual else None)
                 tensors = [t.requires_grad_(grad) if t is not None else None for t in (x, w, b, r)]
 
-                def eager(x, w, b, r):
-                    z = F.conv2d(x, w, b, stride, pad)
-                    return F.relu(z + r if r is not None else z)
-
-                def ours(backend):
-                    def run(x, w, b, r):
-                        with fuseformer.use_backend(backend):
-                            return fuseformer.ops.conv2d_act(x, w, b, stride, pad, 1, 1, "relu", r)
-                    return run
-
-                impls = {f"fuseformer[{be}]": timed(ours(be), tensors, direction) for be in _kernel_backends(device)}
+                eager = _eager(stride, pad)
+                impls = {f"fuseformer[{be}]": timed(_ours(be, stride, pad), tensors, direction)
+                         for be in _kernel_backends(device)}
                 impls["torch eager"] = timed(eager, tensors, direction)
                 impls["torch.compile"] = timed(torch.compile(eager, dynamic=False), tensors, direction)
                 flops = 2 * n * out_size * out_size * k * c * kernel * kernel * (3 if grad else 1)

@@ -8,6 +8,7 @@ Variable lengths: each sequence is 50-100% of the padded length. fuseformer take
 batch and the lengths (the kernels mask by length); torch packs (pack_padded_sequence), runs
 its packed path and pads back; every implementation starts and ends with the padded tensor.
 
+Shapes: batch x hidden (= input size) x steps x layers x directions x proj_size.
 FLOPs: 2·T·B·(F + P)·4H per layer and direction for the gates (+ 2·T·B·H·P with a projection),
 counting padded steps; the backward twice the forward.
 """
@@ -28,22 +29,42 @@ FAMILY = "lstm"
 COMPILE_MAX_STEPS = 64
 
 
-def _shapes(device: str, quick: bool) -> list[tuple[int, int, int, int, bool]]:
-    """(batch, hidden (= input size), steps, layers, bidirectional)."""
+def _shapes(device: str, quick: bool) -> list[tuple[int, int, int, int, bool, int]]:
+    """(batch, hidden (= input size), steps, layers, bidirectional, proj_size)."""
     if device == "cuda":
         if quick:
-            return [(8, 256, 256, 1, False), (64, 1024, 128, 1, False)]
-        return [(1, 256, 512, 1, False), (8, 256, 512, 1, False), (8, 1024, 256, 1, False),
-                (64, 512, 256, 1, False), (64, 1024, 256, 1, False), (256, 1024, 64, 1, False),
-                (256, 256, 512, 1, False), (32, 512, 128, 2, True)]
+            return [(8, 256, 256, 1, False, 0), (64, 1024, 128, 1, False, 0)]
+        return [(1, 256, 512, 1, False, 0), (8, 256, 512, 1, False, 0), (8, 1024, 256, 1, False, 0),
+                (64, 512, 256, 1, False, 0), (64, 1024, 256, 1, False, 0), (256, 1024, 64, 1, False, 0),
+                (256, 256, 512, 1, False, 0), (32, 512, 128, 2, True, 0), (64, 1024, 128, 1, False, 256)]
     if quick:
-        return [(8, 256, 32, 1, False)]
-    return [(1, 256, 64, 1, False), (16, 256, 64, 1, False), (64, 512, 32, 1, False), (8, 1024, 16, 1, False),
-            (16, 256, 32, 2, True)]
+        return [(8, 256, 32, 1, False, 0)]
+    return [(1, 256, 64, 1, False, 0), (16, 256, 64, 1, False, 0), (64, 512, 32, 1, False, 0),
+            (8, 1024, 16, 1, False, 0), (16, 256, 32, 2, True, 0), (16, 512, 32, 1, False, 128)]
 
 
 def _kernel_backends(device: str) -> list[str]:
     return [b for b in backends.available_backends(device) if b != "torch" and b in backends.IMPLEMENTED["lstm"]]
+
+
+# The implementations are built by functions, not closures in the loop: the cases are listed
+# before any runs, and a closure would see the loop's last module and lengths.
+def _eager(module: torch.nn.LSTM, lengths: torch.Tensor | None):
+    def run(x, *_params):
+        if lengths is None:
+            out, (h, c) = module(x)
+            return out, h, c
+        out, (h, c) = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return pad_packed_sequence(out, total_length=x.shape[0])[0], h, c
+    return run
+
+
+def _ours(module: torch.nn.Module, backend: str, lengths: torch.Tensor | None):
+    def run(x, *_params):
+        with fuseformer.use_backend(backend):
+            out, (h, c) = module(x, lengths=lengths, enforce_sorted=False)
+        return out, h, c
+    return run
 
 
 def _cell_loop(cell: torch.nn.LSTMCell):
@@ -63,10 +84,11 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     for varlen in (False, True):
         op = "lstm[varlen]" if varlen else "lstm"
         for direction in ("fwd", "fwd+bwd"):
-            for batch, hidden, steps, layers, bidir in _shapes(device, quick):
+            for batch, hidden, steps, layers, bidir, proj in _shapes(device, quick):
                 grad = direction != "fwd"
-                ref = torch.nn.LSTM(hidden, hidden, num_layers=layers, bidirectional=bidir).to(device, dtype)
-                ours_m = fuseformer.nn.LSTM(hidden, hidden, num_layers=layers, bidirectional=bidir).to(device, dtype)
+                kwargs = dict(num_layers=layers, bidirectional=bidir, proj_size=proj)
+                ref = torch.nn.LSTM(hidden, hidden, **kwargs).to(device, dtype)
+                ours_m = fuseformer.nn.LSTM(hidden, hidden, **kwargs).to(device, dtype)
                 ours_m.load_state_dict(ref.state_dict())
                 ref.requires_grad_(grad)
                 ours_m.requires_grad_(grad)
@@ -78,35 +100,23 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                 tensors = [x, *ref.parameters()]
                 ours_tensors = [x, *ours_m.parameters()]
 
-                def eager(x, *_params):
-                    if lengths is None:
-                        out, (h, c) = ref(x)
-                        return out, h, c
-                    seq = pack_padded_sequence(x, lengths, enforce_sorted=False)
-                    out, (h, c) = ref(seq)
-                    return pad_packed_sequence(out, total_length=steps)[0], h, c
-
-                def ours(backend):
-                    def run(x, *_params):
-                        with fuseformer.use_backend(backend):
-                            out, (h, c) = ours_m(x, lengths=lengths, enforce_sorted=False)
-                        return out, h, c
-                    return run
-
-                impls = {f"fuseformer[{be}]": timed(ours(be), ours_tensors, direction) for be in _kernel_backends(device)}
+                eager = _eager(ref, lengths)
+                impls = {f"fuseformer[{be}]": timed(_ours(ours_m, be, lengths), ours_tensors, direction)
+                         for be in _kernel_backends(device)}
                 impls["torch eager"] = timed(eager, tensors, direction)
                 if steps <= COMPILE_MAX_STEPS and not varlen:
                     with torch._dynamo.config.patch(allow_rnn=True):
                         compiled = torch.compile(eager, dynamic=False)
                     impls["torch.compile"] = _with_rnn(timed(compiled, tensors, direction))
-                if layers == 1 and not bidir and not varlen:
+                if layers == 1 and not bidir and not varlen and not proj:
                     cell = torch.nn.LSTMCell(hidden, hidden).to(device, dtype).requires_grad_(grad)
                     impls["LSTMCell loop"] = timed(_cell_loop(cell), [x, *cell.parameters()], direction)
-                dirs = 2 if bidir else 1
-                flops = sum(2 * steps * batch * ((hidden if i == 0 else dirs * hidden) + hidden) * 4 * hidden
+                dirs, out_size = (2 if bidir else 1), proj or hidden
+                flops = sum(2 * steps * batch * (((hidden if i == 0 else dirs * out_size) + out_size) * 4 * hidden
+                                                 + (hidden * proj))
                             for i in range(layers)) * dirs * (3 if grad else 1)
                 moved = (x.numel() * (1 + dirs) + sum(p.numel() for p in ref.parameters())) * elt
-                yield Case(FAMILY, op, direction, (batch, hidden, steps, layers, dirs), dtype, impls,
+                yield Case(FAMILY, op, direction, (batch, hidden, steps, layers, dirs, proj), dtype, impls,
                            bytes=moved * (3 if grad else 1), flops=flops)
 
 

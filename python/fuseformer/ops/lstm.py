@@ -14,11 +14,12 @@ input gives what packing would (outputs zero past each length, h_n / c_n at each
 last step) without packing: the kernels mask by length, and batches not sorted by length are
 sorted (``enforce_sorted=False``) by one permutation.
 
-Backends: "cpu" (C++ cell, csrc/cpu/lstm.cpp), "cuda" (CUDA cell, csrc/cuda/lstm.cu), both
-driving the time loop of csrc/lstm.h; "triton" (the recurrent GEMM with the cell fused as its
-epilogue, kernels/lstm.py); "torch" (``torch.lstm``, i.e. torch.nn.LSTM itself: cuDNN on a
-GPU, ATen on the CPU). Each layer's input projection for all time steps is one GEMM here,
-before its kernel. float64 runs on "torch"; the C++ CPU kernels compute in float32 (half
+Backends: "cpu" (C++ cell and oneDNN GEMMs on prepacked weights, csrc/cpu/lstm.cpp), "cuda"
+(CUDA cell and cuBLAS, csrc/cuda/lstm.cu), both driving the time loop of csrc/lstm.h;
+"triton" (the recurrent GEMM with the cell fused as its epilogue, kernels/lstm.py); "torch"
+(``torch.lstm``, i.e. torch.nn.LSTM itself: cuDNN on a GPU, oneDNN or ATen on the CPU). Each
+layer-direction is one registered op: its input projection for all time steps is one GEMM,
+then the time loop. float64 runs on "torch"; the C++ CPU kernels compute in float32 (half
 inputs are upcast and the results rounded back).
 
 Registered ops: "fuseformer::lstm_layer_fwd" / "fuseformer::lstm_layer_bwd" (C++, CPU and
@@ -44,62 +45,64 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("fuseformer::triton_lstm_layer_fwd", mutates_args=())
 def _triton_lstm_layer_fwd(
-    x_proj: Tensor, batch_sizes: Tensor, padded: bool, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
-    reverse: bool, save: bool,
+    x: Tensor, w_ih: Tensor, bias: Tensor | None, batch_sizes: Tensor, padded: bool, h0: Tensor, c0: Tensor,
+    w_hh: Tensor, w_hr: Tensor | None, reverse: bool, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fuseformer.kernels import lstm as triton_lstm
 
-    return triton_lstm.layer_fwd(x_proj, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save)
+    return triton_lstm.layer_fwd(x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save)
 
 
 @torch.library.custom_op("fuseformer::triton_lstm_layer_bwd", mutates_args=())
 def _triton_lstm_layer_bwd(
-    grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, batch_sizes: Tensor, padded: bool, h0: Tensor,
-    c0: Tensor, w_hh: Tensor, w_hr: Tensor | None, out: Tensor, gates: Tensor, cells: Tensor, reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, w_ih: Tensor, has_bias: bool,
+    needs_input_grad: bool, batch_sizes: Tensor, padded: bool, h0: Tensor, c0: Tensor, w_hh: Tensor,
+    w_hr: Tensor | None, out: Tensor, gates: Tensor, cells: Tensor, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fuseformer.kernels import lstm as triton_lstm
 
-    return triton_lstm.layer_bwd(grad_out, grad_h_n, grad_c_n, batch_sizes, padded, h0, c0, w_hh, w_hr, out, gates,
-                                 cells, reverse)
+    return triton_lstm.layer_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, has_bias, needs_input_grad, batch_sizes,
+                                 padded, h0, c0, w_hh, w_hr, out, gates, cells, reverse)
 
 
 # ---- fake implementations and autograd, shared by the C++ and Triton ops ---------------
 
 
-def _layer_fwd_fake(x_proj, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save):
-    rows, hidden = x_proj.shape[0], c0.shape[1]
-    out = x_proj.new_empty((rows, h0.shape[1]))
-    gates = x_proj.new_empty((rows, 4 * hidden) if save else (0,), dtype=torch.float32)
-    cells = x_proj.new_empty((rows, hidden) if save else (0,), dtype=torch.float32)
+def _layer_fwd_fake(x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save):
+    rows, hidden = x.shape[0], c0.shape[1]
+    out = x.new_empty((rows, h0.shape[1]))
+    gates = x.new_empty((rows, 4 * hidden) if save else (0,), dtype=torch.float32)
+    cells = x.new_empty((rows, hidden) if save else (0,), dtype=torch.float32)
     return out, torch.empty_like(h0), torch.empty_like(c0), gates, cells
 
 
-def _layer_bwd_fake(grad_out, grad_h_n, grad_c_n, batch_sizes, padded, h0, c0, w_hh, w_hr, out, gates, cells,
-                    reverse):
-    grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else out.new_empty(0)
-    return (out.new_empty((out.shape[0], 4 * c0.shape[1])), torch.empty_like(h0), torch.empty_like(c0),
-            torch.empty_like(w_hh), grad_w_hr)
+def _layer_bwd_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, has_bias, needs_input_grad, batch_sizes, padded, h0, c0,
+                    w_hh, w_hr, out, gates, cells, reverse):
+    return (x.new_empty(x.shape if needs_input_grad else 0), torch.empty_like(w_ih),
+            x.new_empty(w_ih.shape[0] if has_bias else 0), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(w_hh), torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0))
 
 
 def _layer_setup_context(ctx, inputs, output):
-    _x_proj, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, _save = inputs
+    x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, _save = inputs
     out, _h_n, _c_n, gates, cells = output
-    ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells)
-    ctx.padded, ctx.reverse = padded, reverse
+    ctx.save_for_backward(x, w_ih, batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells)
+    ctx.padded, ctx.reverse, ctx.has_bias = padded, reverse, bias is not None
     ctx.mark_non_differentiable(gates, cells)
 
 
 def _layer_backward(bwd_op):
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-        batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
+        x, w_ih, batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
         grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
-        grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr = bwd_op(
-            grad_out, grad_h_n, grad_c_n, batch_sizes, ctx.padded, h0, c0, w_hh, w_hr, out, gates, cells, ctx.reverse
-        )
-        return (grad_x_proj, None, None, grad_h0, grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None,
-                None, None)
+        needs = ctx.needs_input_grad
+        grad_x, grad_w_ih, grad_bias, grad_h0, grad_c0, grad_w_hh, grad_w_hr = bwd_op(
+            grad_out, grad_h_n, grad_c_n, x, w_ih, ctx.has_bias, needs[0], batch_sizes, ctx.padded, h0, c0, w_hh,
+            w_hr, out, gates, cells, ctx.reverse)
+        return (grad_x if needs[0] else None, grad_w_ih, grad_bias if ctx.has_bias else None, None, None, grad_h0,
+                grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None, None, None)
 
     return backward
 
@@ -238,6 +241,9 @@ def lstm(
         lengths = _check_lengths(lengths, batch, data.shape[1 if batch_first else 0], enforce_sorted)
 
     backend = backends.resolve("lstm", data.device)
+    if backend == "cpu" and backends.forced_backend() is None and not _cpu_kernels_win(
+            data.dtype, batch, packed or lengths is not None, real != hidden):
+        backend = "torch"
     if backend != "torch":
         why = None
         if data.dtype == torch.float64:
@@ -271,6 +277,19 @@ def lstm(
     if not batched:
         out, h_n, c_n = out.squeeze(0 if batch_first else 1), h_n.squeeze(1), c_n.squeeze(1)
     return out, (h_n, c_n)
+
+
+# Where the C++ CPU kernels beat torch.nn.LSTM (benchmarks/results/cpu/lstm.md): torch runs
+# dense float32 LSTMs without a projection as one oneDNN RNN primitive, which our per-step
+# GEMMs do not reach (0.4-1.0x), and half dtypes in oneDNN's bf16 kernels; it falls back to its
+# per-step ATen path for variable lengths (packed) and for proj_size, where ours measured
+# 1.6-2.4x (variable lengths) and 1.3-1.7x (projection). Below 8 rows per step oneDNN's per-call
+# cost and ATen's small GEMMs make ours slower in every case.
+CPU_KERNEL_MIN_BATCH = 8
+
+
+def _cpu_kernels_win(dtype: torch.dtype, batch: int, variable_lengths: bool, projected: bool) -> bool:
+    return dtype == torch.float32 and batch >= CPU_KERNEL_MIN_BATCH and (variable_lengths or projected)
 
 
 def _initial_state(hx, batched: bool, layers_dirs: int, batch: int, hidden: int, real: int, data: Tensor):
@@ -372,13 +391,11 @@ def _fused_layers(backend, rows, batch_sizes, padded, h0, c0, weights, num_layer
         for direction in range(dirs):
             idx = layer * dirs + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[idx]
-            if b_ih is not None:
-                x_proj = torch.addmm(b_ih + b_hh, layer_input, w_ih.t())
-            else:
-                x_proj = layer_input @ w_ih.t()
-            save = grad and any(t is not None and t.requires_grad for t in (x_proj, h0, c0, w_hh, w_hr))
-            out, hn, cn, _gates, _cells = fwd(x_proj, batch_sizes, padded, h0[idx], c0[idx], w_hh, w_hr,
-                                             direction == 1, save)
+            bias = b_ih + b_hh if b_ih is not None else None
+            save = grad and any(t is not None and t.requires_grad
+                                for t in (layer_input, w_ih, bias, h0, c0, w_hh, w_hr))
+            out, hn, cn, _gates, _cells = fwd(layer_input, w_ih, bias, batch_sizes, padded, h0[idx], c0[idx], w_hh,
+                                             w_hr, direction == 1, save)
             outs.append(out)
             h_n.append(hn)
             c_n.append(cn)

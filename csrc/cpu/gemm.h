@@ -1,0 +1,77 @@
+// x Wᵀ (+ addend) on the CPU with the weight reordered once for oneDNN (the copy bundled in
+// torch, reached through its mkldnn::_linear_pointwise ops), for weights used by many GEMMs
+// in a row, such as an LSTM's recurrent weights over the time steps.
+//
+// Why: on the AMD EPYC of our machines ATen's float32 GEMM (MKL) measured 2.0-3.4x slower
+// than oneDNN's with a prepacked weight at batch 16-256 (benchmarks/NOTES.md); at batch 1
+// oneDNN's per-call overhead makes it slower, so small batches keep ATen's GEMM. Falls back to
+// ATen where torch has no oneDNN. float32 only (exact float32 arithmetic, as ATen's).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+
+namespace fuseformer::cpu {
+
+class PackedLinear {
+ public:
+  // From this many rows per GEMM oneDNN wins (measured crossover between batch 1 and 8).
+  static constexpr int64_t kMinRows = 8;
+
+  // weight (N, K), any strides; rows: the usual number of rows of x.
+  PackedLinear(const at::Tensor& weight, int64_t rows) : weight_(weight) {
+    const Ops& ops = dnnl_ops();
+    if (ops.ok && rows >= kMinRows && weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn()) {
+      torch::jit::Stack stack{weight.contiguous(), c10::IValue(rows)};
+      ops.reorder->callBoxed(&stack);
+      packed_ = stack[0].toTensor();
+    }
+  }
+
+  // addend (M, N) + x (M, K) Wᵀ, or x Wᵀ (+ bias (N,)) without an addend.
+  at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& addend = std::nullopt,
+                        const std::optional<at::Tensor>& bias = std::nullopt) const {
+    if (!packed_.defined()) {
+      if (addend) return at::addmm(*addend, x, weight_.t());
+      return bias ? at::addmm(*bias, x, weight_.t()) : at::mm(x, weight_.t());
+    }
+    const Ops& ops = dnnl_ops();
+    if (addend) {
+      torch::jit::Stack stack{x.contiguous(), addend->contiguous(), packed_, c10::IValue(), c10::IValue("add")};
+      ops.binary->callBoxed(&stack);
+      return stack[0].toTensor();
+    }
+    torch::jit::Stack stack{x.contiguous(), packed_, bias ? c10::IValue(bias->contiguous()) : c10::IValue(),
+                            c10::IValue("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    ops.unary->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
+ private:
+  struct Ops {
+    std::optional<c10::OperatorHandle> reorder, unary, binary;
+    bool ok = false;
+  };
+  static const Ops& dnnl_ops() {
+    static const Ops ops = [] {
+      auto& dispatcher = c10::Dispatcher::singleton();
+      Ops o;
+      o.reorder = dispatcher.findOp({"mkldnn::_reorder_linear_weight", ""});
+      o.unary = dispatcher.findOp({"mkldnn::_linear_pointwise", ""});
+      o.binary = dispatcher.findOp({"mkldnn::_linear_pointwise", "binary"});
+      o.ok = o.reorder && o.unary && o.binary && at::hasMKLDNN() &&
+             o.unary->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
+             o.binary->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+      return o;
+    }();
+    return ops;
+  }
+
+  at::Tensor weight_, packed_;
+};
+
+}  // namespace fuseformer::cpu
