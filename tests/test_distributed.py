@@ -94,18 +94,16 @@ def test_gradients_match_single_process(tmp_path, mode):
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-GPT_WORKER = """
+TRAIN_WORKER = """
 import os, sys, torch, torch.distributed as dist
-from fuseformer.models import GPT, GPTConfig
 rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-torch.manual_seed(0)
-model = torch.nn.parallel.DistributedDataParallel(GPT(GPTConfig(**CONFIG), backend="fuseformer"))
-opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-x, y = torch.load(f"{folder}/data.pt")
+model = torch.nn.parallel.DistributedDataParallel(make_model())
+opt = make_optimizer(model)
+data = torch.load(f"{folder}/data.pt")
 losses = []
-for step in range(STEPS):
-    _, loss = model(x[step].chunk(world)[rank], y[step].chunk(world)[rank])
+for step in range(data[0].shape[0]):
+    loss = loss_of(model, *(d[step].chunk(world)[rank] for d in data))
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -119,30 +117,68 @@ dist.destroy_process_group()
 sys.stdout.flush()
 os._exit(0)
 """
-GPT_CONFIG = dict(block_size=32, vocab_size=256, n_layer=2, n_head=4, n_embd=32)
-GPT_STEPS = 8
+
+# Per model: make_model(), make_optimizer(model), loss_of(model, *inputs). ResNet trains its
+# BatchNorm on each rank's half of the batch (SyncBatchNorm is GPU-only), so the
+# single-process reference below averages the losses of the two halves, as DDP averages the
+# ranks' gradients; for the GPT that equals the whole batch's loss.
+TRAIN_MODELS = {
+    "gpt": """
+import torch
+from fuseformer.models import GPT, GPTConfig
+def make_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=4, n_embd=32), backend="fuseformer")
+def make_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=3e-3)
+def loss_of(model, x, y):
+    return model(x, y)[1]
+""",
+    "resnet": """
+import torch, torch.nn.functional as F
+from fuseformer.models import ResNet, ResNetConfig
+def make_model():
+    torch.manual_seed(0)
+    return ResNet(ResNetConfig(layers=(1, 1, 1, 1), num_classes=4, stem="cifar", width=8), backend="fuseformer")
+def make_optimizer(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x), y)
+""",
+}
+TRAIN_STEPS = 8
 
 
-def test_gpt_trains_under_ddp_like_one_process(tmp_path):
-    from fuseformer.models import GPT, GPTConfig, ByteTokenizer, synthetic_corpus, text_batches
+def _training_data(model: str):
+    from fuseformer.models import ByteTokenizer, synthetic_corpus, synthetic_images, text_batches
 
-    tokens = ByteTokenizer.encode(synthetic_corpus(5000, seed=1))
-    batches = list(text_batches(tokens, 8, 32, steps=GPT_STEPS, seed=2))
-    x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
-    torch.save((x, y), tmp_path / "data.pt")
-    run_two_ranks(f"CONFIG = {GPT_CONFIG!r}\nSTEPS = {GPT_STEPS}\n" + GPT_WORKER, tmp_path, timeout=300)
+    if model == "gpt":
+        tokens = ByteTokenizer.encode(synthetic_corpus(5000, seed=1))
+        batches = list(text_batches(tokens, 8, 32, steps=TRAIN_STEPS, seed=2))
+        return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+    images, labels = synthetic_images(TRAIN_STEPS * 8, size=16, seed=1)
+    return images.view(TRAIN_STEPS, 8, *images.shape[1:]), labels.view(TRAIN_STEPS, 8)
+
+
+@pytest.mark.parametrize("model", ["gpt", "resnet"])
+def test_model_trains_under_ddp_like_one_process(tmp_path, model):
+    data = _training_data(model)
+    torch.save(data, tmp_path / "data.pt")
+    run_two_ranks(TRAIN_MODELS[model] + TRAIN_WORKER, tmp_path, timeout=300)
     ddp_losses = torch.load(tmp_path / "losses.pt")
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**GPT_CONFIG), backend="fuseformer")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    namespace = {}
+    exec(TRAIN_MODELS[model], namespace)
+    net = namespace["make_model"]()
+    opt = namespace["make_optimizer"](net)
     single = []
-    for step in range(GPT_STEPS):
-        _, loss = model(x[step], y[step])
+    for step in range(TRAIN_STEPS):
+        halves = [namespace["loss_of"](net, *chunk) for chunk in zip(*(d[step].chunk(2) for d in data))]
+        loss = sum(halves) / 2
         opt.zero_grad()
         loss.backward()
         opt.step()
         single.append(loss.item())
-    assert single[-1] < single[0]
+    assert single[-1] < single[0], single
     for step, (a, b) in enumerate(zip(single, ddp_losses)):
         assert abs(a - b) <= 1e-4 * abs(a), f"step {step}: one process {a:.6f}, DDP {b:.6f}"

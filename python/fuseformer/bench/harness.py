@@ -97,9 +97,19 @@ def _matmul_tflops(dtype: torch.dtype, device: str, quick: bool) -> float | None
             a = torch.randn(size, size, device=device, dtype=dtype)
             b = torch.randn(size, size, device=device, dtype=dtype)
             fn = lambda: a @ b  # noqa: E731
-        return 2 * size**3 / time_ms(fn, device, quick) / 1e9
+        rate = 2 * size**3 / time_ms(fn, device, quick) / 1e9
     except (RuntimeError, TypeError, AttributeError):
         return None
+    if device == "cpu" and dtype == torch.float32:
+        # The CPU's float32 GEMM is whichever library is faster here: MKL (ATen's) runs AVX2
+        # code on AMD CPUs, oneDNN (the LSTM kernels' GEMM) its AVX-512 code.
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), size)
+            onednn = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")  # noqa: E731
+            rate = max(rate, 2 * size**3 / time_ms(onednn, device, quick) / 1e9)
+        except (RuntimeError, AttributeError):
+            pass
+    return rate
 
 
 def measure_ceilings(device: str, quick: bool) -> dict[str, Any]:
