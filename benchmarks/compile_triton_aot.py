@@ -1,4 +1,4 @@
-"""Compile the attention, linear and conv Triton kernels for a GPU target on a machine without a GPU.
+"""Compile the attention, linear, conv and LSTM Triton kernels for a GPU target on a machine without a GPU.
 
     python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles]
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import attention as A  # noqa: E402  (the source tree's kernels)
 from kernels import conv as CV  # noqa: E402
 from kernels import linear as L  # noqa: E402
+from kernels import lstm as LS  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
 KERNELS = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}
@@ -104,6 +105,7 @@ def main() -> int:
         failed |= not compile_decode(GPUTarget("cuda", arch, 32))
         failed |= not compile_linear(GPUTarget("cuda", arch, 32), args.all_tiles)
         failed |= not compile_conv(GPUTarget("cuda", arch, 32))
+        failed |= not compile_lstm(GPUTarget("cuda", arch, 32))
     return 1 if failed else 0
 
 
@@ -204,6 +206,38 @@ def compile_conv(target) -> bool:
         except Exception as exc:  # noqa: BLE001
             print(f"FAIL  sm_{target.arch} conv fwd {dtype}: {type(exc).__name__}: {str(exc)[:300]}")
             ok = False
+    return ok
+
+
+# The LSTM kernels' float32 pointers (cell state, saved gates); the others have the data dtype.
+_LSTM_FP32 = ("cprev_ptr", "c0_ptr", "c_out_ptr", "c_n_ptr", "g_ptr", "dc_ptr", "c_ptr")
+
+
+def compile_lstm(target) -> bool:
+    """The LSTM step kernel (recurrent GEMM + cell; both GPU tiles for fp16/bf16, the
+    full-precision one for fp32) and the backward cell kernel, every option on."""
+    ok = True
+    for dtype in ("fp16", "bf16", "fp32"):
+        tiles = [LS._FP32_FWD_TILE] if dtype == "fp32" else list(LS._GPU_FWD_TILE.values())
+        jobs = [(LS._lstm_step_fwd, dict(SAVE=True, HAS_H2=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                                         SOFTWARE_BF16=False, BLOCK_B=b, BLOCK_H=h, BLOCK_K=k), w)
+                for b, h, k, w in tiles]
+        jobs.append((LS._lstm_cell_bwd, dict(HAS_DHB=True, HAS_HRAW=True, SOFTWARE_BF16=False,
+                                             BLOCK_B=LS._CELL_TILE[0], BLOCK_H=LS._CELL_TILE[1]), 4))
+        for fn, consts, warps in jobs:
+            sig = {name: "constexpr" if name in consts else
+                   ("*fp32" if name in _LSTM_FP32 else f"*{dtype}") if name.endswith("_ptr") else "i32"
+                   for name in inspect.signature(fn.fn).parameters}
+            name = fn.fn.__name__
+            start = time.time()
+            try:
+                kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+                                        options={"num_warps": warps})
+                print(f"ok    sm_{target.arch} {name} {dtype} {consts.get('BLOCK_B')}x{consts.get('BLOCK_H')}: "
+                      f"{time.time() - start:5.1f} s, shared {kernel.metadata.shared} B")
+            except Exception as exc:  # noqa: BLE001
+                print(f"FAIL  sm_{target.arch} {name} {dtype}: {type(exc).__name__}: {str(exc)[:300]}")
+                ok = False
     return ok
 
 

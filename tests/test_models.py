@@ -12,7 +12,7 @@ import fuseformer
 from fuseformer.models import (BERT, GPT, BERTConfig, ByteTokenizer, GPTConfig, LSTMClassifier, LSTMConfig,
                                LSTMLanguageModel, ResNet, ResNetConfig, synthetic_corpus, synthetic_images,
                                synthetic_sequences, text_batches)
-from accuracy import assert_matches_reference
+from accuracy import assert_matches_reference, kernel_backends
 
 TINY_GPT = dict(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
 TINY_BERT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -243,31 +243,39 @@ def test_lstm_models_share_state_dict_keys():
         LSTMClassifier(LSTMConfig(**TINY_CLASSIFIER), backend="keras")
 
 
-def test_lstm_lm_matches_float64_reference():
+# The LSTM kernels forced: unforced, a dense float32 LSTM on the CPU runs torch's own.
+LSTM_KERNELS = kernel_backends("cpu", "lstm")
+
+
+@pytest.mark.parametrize("backend", LSTM_KERNELS)
+def test_lstm_lm_matches_float64_reference(backend):
     ref, ours = _pair(LSTMLanguageModel, LSTMConfig(**TINY_LSTM, proj_size=0))
     idx, targets = torch.randint(0, 64, (3, 11)), torch.randint(0, 64, (3, 11))
     ref64 = LSTMLanguageModel(LSTMConfig(**TINY_LSTM), backend="torch").double().eval()
     ref64.load_state_dict(ref.state_dict())
     logits64, loss64, (h64, c64) = ref64(idx, targets)
     logits32, loss32, (h32, c32) = ref(idx, targets)
-    logits, loss, (h, c) = ours(idx, targets)
+    with fuseformer.use_backend(backend):
+        logits, loss, (h, c) = ours(idx, targets)
     assert_matches_reference("logits", logits, logits64, logits32)
     assert_matches_reference("h_n", h, h64, h32)
     assert_matches_reference("c_n", c, c64, c32)
-    loss.backward()
+    with fuseformer.use_backend(backend):
+        loss.backward()
     loss32.backward()
     loss64.backward()
     for (name, p), p32, p64 in zip(ours.named_parameters(), ref.parameters(), ref64.parameters()):
         assert_matches_reference(f"grad {name}", p.grad, p64.grad, p32.grad)
 
 
-@pytest.mark.parametrize("backend", ["torch", "fuseformer"])
+@pytest.mark.parametrize("backend", ["torch", *LSTM_KERNELS])
 def test_lstm_lm_generate_carries_the_state(backend):
     """Greedy generation with the carried state gives the tokens a full recompute picks."""
     torch.manual_seed(0)
-    model = LSTMLanguageModel(LSTMConfig(**TINY_LSTM), backend=backend).eval()
+    model = LSTMLanguageModel(LSTMConfig(**TINY_LSTM), backend="torch" if backend == "torch" else "fuseformer").eval()
     prompt = torch.randint(0, 64, (2, 5))
-    out = model.generate(prompt, 6, temperature=0)
+    with fuseformer.use_backend(backend):
+        out = model.generate(prompt, 6, temperature=0)
     assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
     seq = prompt
     for _ in range(6):
@@ -276,6 +284,7 @@ def test_lstm_lm_generate_carries_the_state(backend):
     assert torch.equal(out, seq)
 
 
+@pytest.mark.skipif("cpu" not in LSTM_KERNELS, reason="needs the C++ extension")
 def test_lstm_lm_trains_alike_on_both_backends():
     tokens = ByteTokenizer.encode(synthetic_corpus(20_000, seed=3))
     curves = {}
@@ -285,12 +294,13 @@ def test_lstm_lm_trains_alike_on_both_backends():
                                   backend=backend)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         curve = []
-        for x, y in text_batches(tokens, 8, 32, steps=30, seed=5):
-            _, loss, _ = model(x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            curve.append(loss.item())
+        with fuseformer.use_backend("cpu" if backend == "fuseformer" else "torch"):
+            for x, y in text_batches(tokens, 8, 32, steps=30, seed=5):
+                _, loss, _ = model(x, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                curve.append(loss.item())
         curves[backend] = curve
     ref, ours = curves["torch"], curves["fuseformer"]
     assert sum(ours[-5:]) < 0.7 * sum(ours[:5]), ours
