@@ -8,7 +8,8 @@ Variable lengths: each sequence is 50-100% of the padded length. fuseformer take
 batch and the lengths (the kernels mask by length); torch packs (pack_padded_sequence), runs
 its packed path and pads back; every implementation starts and ends with the padded tensor.
 
-Shapes: batch x hidden (= input size) x steps x layers x directions x proj_size.
+Shapes: batch x hidden (= input size) x steps x layers x directions x output size (proj_size,
+or hidden without a projection).
 FLOPs: 2·T·B·(F + P)·4H per layer and direction for the gates (+ 2·T·B·H·P with a projection),
 counting padded steps; the backward twice the forward.
 """
@@ -116,7 +117,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                                                  + (hidden * proj))
                             for i in range(layers)) * dirs * (3 if grad else 1)
                 moved = (x.numel() * (1 + dirs) + sum(p.numel() for p in ref.parameters())) * elt
-                yield Case(FAMILY, op, direction, (batch, hidden, steps, layers, dirs, proj), dtype, impls,
+                yield Case(FAMILY, op, direction, (batch, hidden, steps, layers, dirs, out_size), dtype, impls,
                            bytes=moved * (3 if grad else 1), flops=flops)
 
 
