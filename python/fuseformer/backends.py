@@ -59,7 +59,7 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "conv": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     # LSTM: the fused step kernels on CUDA (not yet measured on a GPU: bench:lstm decides
     # between the Triton step kernel, the CUDA cell and cuDNN). CPU
-    # (benchmarks/results/cpu/lstm.md): the C++ kernels for variable-length batches (1.6-2.4x
+    # (benchmarks/results/cpu/lstm.md): the C++ kernels for variable-length batches (1.6-2.7x
     # torch's packed path) and projections (1.3-1.7x) from batch 8; dense float32 LSTMs stay on
     # torch's oneDNN RNN, which they do not beat (ops/lstm.py routes per call).
     "lstm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},

@@ -283,7 +283,7 @@ def lstm(
 # dense float32 LSTMs without a projection as one oneDNN RNN primitive, which our per-step
 # GEMMs do not reach (0.4-1.0x), and half dtypes in oneDNN's bf16 kernels; it falls back to its
 # per-step ATen path for variable lengths (packed) and for proj_size, where ours measured
-# 1.6-2.4x (variable lengths) and 1.3-1.7x (projection). Below 8 rows per step oneDNN's per-call
+# 1.6-2.7x (variable lengths) and 1.3-1.7x (projection). Below 8 rows per step oneDNN's per-call
 # cost and ATen's small GEMMs make ours slower in every case.
 CPU_KERNEL_MIN_BATCH = 8
 
