@@ -1,5 +1,6 @@
-"""Benchmark cases for the reference models (GPT, BERT, ResNet-18): each model built with backend="fuseformer"
-against the same model (same weights) on backend="torch", eager and under torch.compile.
+"""Benchmark cases for the reference models (GPT, BERT, ResNet-18, the LSTM language model and
+classifier): each model built with backend="fuseformer" against the same model (same weights) on
+backend="torch", eager and under torch.compile.
 
 Per model: inference latency (batch 1) and throughput (a large batch), a training step
 (forward + backward; the optimizer step is the same for both), and for GPT the decode rate
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 import torch
 
 from fuseformer.bench.harness import Case
-from fuseformer.models import BERT, GPT, BERTConfig, GPTConfig, ResNet, ResNetConfig
+from fuseformer.models import (BERT, GPT, BERTConfig, GPTConfig, LSTMClassifier, LSTMConfig, LSTMLanguageModel, ResNet,
+                               ResNetConfig, synthetic_sequences)
 
 FAMILY = "models"
 
@@ -129,6 +131,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                tokens=batch * seq)
 
     yield from _resnet_cases(device, dtype, quick)
+    yield from _lstm_cases(device, dtype, quick)
 
 
 def _resnet_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
@@ -158,3 +161,40 @@ def _resnet_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case
              "torch.compile": _train(torch.compile(theirs, dynamic=False), x)}
     yield Case(FAMILY, "ResNet-18 train step", "fwd+bwd", (batch, 3, size, size), dtype, impls,
                flops=3 * batch * flops_per_image, tokens=batch)
+
+
+def _lstm_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """The LSTM language model (inference latency at batch 1, throughput, a training step) and
+    the classifier on a variable-length batch (padded + lengths on fuseformer, packed on torch).
+    No torch.compile column: TorchDynamo does not trace torch.nn.LSTM (a graph break), so it
+    times eager around the LSTM. FLOPs per token: 2·(4H·(E + H)) per layer + 2·E·vocab."""
+    width, layers = (1024, 2) if device == "cuda" else (256, 2)
+    shapes = (dict(latency=(1, 128), throughput=(64, 256), train=(32, 256)) if device == "cuda" else
+              dict(latency=(1, 64), throughput=(16, 64), train=(16, 64)))
+    if quick:
+        shapes = {k: (b, s // 4) for k, (b, s) in shapes.items()}
+    config = LSTMConfig(vocab_size=256, embed_dim=width, hidden_size=width, num_layers=layers)
+    per_token = 2 * layers * 4 * width * 2 * width + 2 * width * config.vocab_size
+    ours, theirs = _pair(LSTMLanguageModel, config, device, dtype)
+    for key in ("latency", "throughput"):
+        batch, seq = shapes[key]
+        idx = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+        ours.eval(), theirs.eval()
+        yield Case(FAMILY, "LSTM LM inference", "fwd", (batch, seq), dtype,
+                   {"fuseformer": _infer(ours, idx), "torch eager": _infer(theirs, idx)},
+                   flops=batch * seq * per_token, tokens=batch * seq)
+    batch, seq = shapes["train"]
+    idx = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    ours.train(), theirs.train()
+    yield Case(FAMILY, "LSTM LM train step", "fwd+bwd", (batch, seq), dtype,
+               {"fuseformer": _train(ours, idx, idx), "torch eager": _train(theirs, idx, idx)},
+               flops=3 * batch * seq * per_token, tokens=batch * seq)
+    clf_config = LSTMConfig(vocab_size=16, embed_dim=width // 2, hidden_size=width, num_layers=1, bidirectional=True)
+    ours, theirs = _pair(LSTMClassifier, clf_config, device, dtype)
+    batch, seq = shapes["throughput"]
+    tokens, lengths, _ = synthetic_sequences(batch, vocab_size=16, min_len=seq // 2, max_len=seq)
+    tokens = tokens.to(device)
+    ours.eval(), theirs.eval()
+    yield Case(FAMILY, "LSTM classifier inference (variable lengths)", "fwd", (batch, seq), dtype,
+               {"fuseformer": _infer(ours, tokens, lengths), "torch eager": _infer(theirs, tokens, lengths)},
+               flops=2 * int(lengths.sum()) * 2 * 4 * width * (width // 2 + width), tokens=int(lengths.sum()))

@@ -243,7 +243,10 @@ def lstm(
     backend = backends.resolve("lstm", data.device)
     if backend == "cpu" and backends.forced_backend() is None and not _cpu_kernels_win(
             data.dtype, batch, packed or lengths is not None, real != hidden):
-        backend = "torch"
+        # (Traced, padded input with lengths stays on the kernels: torch's path packs, which
+        # TorchDynamo does not trace.)
+        if not (lengths is not None and torch.compiler.is_compiling()):
+            backend = "torch"
     if backend != "torch":
         why = None
         if data.dtype == torch.float64:
