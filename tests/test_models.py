@@ -4,6 +4,8 @@ train alike on the shipped synthetic corpus."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,28 +286,37 @@ def test_lstm_lm_generate_carries_the_state(backend):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.skipif("cpu" not in LSTM_KERNELS, reason="needs the C++ extension")
-def test_lstm_lm_trains_alike_on_both_backends():
-    tokens = ByteTokenizer.encode(synthetic_corpus(20_000, seed=3))
+def _curves_agree(make_model, batches, loss_of, kernels: str | None = None, falls_to: float = 0.7):
+    """Train from the same weights on both backends (the fuseformer one with ``kernels``
+    forced, if given): the loss falls and the curves agree step by step."""
     curves = {}
     for backend in ("torch", "fuseformer"):
         torch.manual_seed(0)
-        model = LSTMLanguageModel(LSTMConfig(vocab_size=256, embed_dim=32, hidden_size=32, num_layers=2),
-                                  backend=backend)
+        model = make_model(backend)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         curve = []
-        with fuseformer.use_backend("cpu" if backend == "fuseformer" else "torch"):
-            for x, y in text_batches(tokens, 8, 32, steps=30, seed=5):
-                _, loss, _ = model(x, y)
+        forced = kernels if backend == "fuseformer" else "torch"
+        with fuseformer.use_backend(forced) if forced else contextlib.nullcontext():
+            for batch in batches():
+                loss = loss_of(model, *batch)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 curve.append(loss.item())
         curves[backend] = curve
     ref, ours = curves["torch"], curves["fuseformer"]
-    assert sum(ours[-5:]) < 0.7 * sum(ours[:5]), ours
+    assert sum(ours[-5:]) < falls_to * sum(ours[:5]), ours
     for step, (a, b) in enumerate(zip(ref, ours)):
         assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"
+
+
+@pytest.mark.skipif("cpu" not in LSTM_KERNELS, reason="needs the C++ extension")
+def test_lstm_lm_trains_alike_on_both_backends():
+    tokens = ByteTokenizer.encode(synthetic_corpus(20_000, seed=3))
+    _curves_agree(
+        lambda backend: LSTMLanguageModel(LSTMConfig(vocab_size=256, embed_dim=32, hidden_size=32, num_layers=2),
+                                          backend=backend),
+        lambda: text_batches(tokens, 8, 32, steps=30, seed=5), lambda model, x, y: model(x, y)[1], kernels="cpu")
 
 
 def test_lstm_classifier_matches_reference_with_variable_lengths():
@@ -322,26 +333,16 @@ def test_lstm_classifier_matches_reference_with_variable_lengths():
 
 def test_lstm_classifier_trains_alike_on_both_backends():
     tokens, lengths, labels = synthetic_sequences(512, vocab_size=8, min_len=4, max_len=24, seed=2)
-    curves = {}
-    for backend in ("torch", "fuseformer"):
-        torch.manual_seed(0)
-        model = LSTMClassifier(LSTMConfig(vocab_size=8, embed_dim=16, hidden_size=32, num_layers=1,
-                                          bidirectional=True), backend=backend)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def batches():
         gen = torch.Generator().manual_seed(3)
-        curve = []
         for _ in range(40):
             idx = torch.randint(0, 512, (32,), generator=gen)
-            _, loss = model(tokens[idx], lengths[idx], labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            curve.append(loss.item())
-        curves[backend] = curve
-    ref, ours = curves["torch"], curves["fuseformer"]
-    assert sum(ours[-5:]) < 0.8 * sum(ours[:5]), ours
-    for step, (a, b) in enumerate(zip(ref, ours)):
-        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: torch {a:.5f} vs fuseformer {b:.5f}"
+            yield tokens[idx], lengths[idx], labels[idx]
+
+    _curves_agree(lambda backend: LSTMClassifier(LSTMConfig(vocab_size=8, embed_dim=16, hidden_size=32, num_layers=1,
+                                                            bidirectional=True), backend=backend),
+                  batches, lambda model, *batch: model(*batch)[1], falls_to=0.8)
 
 
 def test_lstm_models_compile_fullgraph():
