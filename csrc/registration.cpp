@@ -86,4 +86,12 @@ TORCH_LIBRARY(fuseformer, m) {
       "bool needs_input_grad, Tensor batch_sizes, bool padded, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
       "Tensor out, Tensor gates, Tensor cells, bool reverse) -> (Tensor grad_x, Tensor grad_w_ih, Tensor grad_bias, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_w_hr)");
+
+  // ---- quant: weight-only quantized linear, y = x Wᵀ + b (python/fuseformer/ops/quant.py) ----
+  // x (M, K) float32/16/bf16; bits 8: qweight int8 (N, K), scales float32 (N, 1), group_size K;
+  // bits 4: qweight uint8 (N, K/2) (k even in the low nibble), scales float32 (N, K/group_size),
+  // zeros uint8 (N, K/group_size) or None (symmetric: 8). The output has x's dtype.
+  m.def(
+      "quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
+      "int group_size) -> Tensor");
 }

@@ -13,6 +13,7 @@ from fuseformer import models  # after nn and ops, which the models use
 from fuseformer._info import info
 from fuseformer.accelerate import AccelerateReport, accelerate
 from fuseformer.backends import BackendUnavailableError, available_backends, use_backend
+from fuseformer.quantize import QuantizeReport, quantize
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "models",
     "nn",
     "ops",
+    "quantize",
+    "QuantizeReport",
     "use_backend",
 ]

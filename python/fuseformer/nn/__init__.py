@@ -6,5 +6,7 @@ from fuseformer.nn.conv import Conv2dAct, ConvBNAct
 from fuseformer.nn.linear import MLP, GatedMLP, LinearAct
 from fuseformer.nn.lstm import LSTM
 from fuseformer.nn.norms import LayerNorm, RMSNorm
+from fuseformer.nn.quant import QuantizedLinear
 
-__all__ = ["Conv2dAct", "ConvBNAct", "GatedMLP", "LayerNorm", "LinearAct", "LSTM", "MLP", "MultiheadAttention", "RMSNorm"]
+__all__ = ["Conv2dAct", "ConvBNAct", "GatedMLP", "LayerNorm", "LinearAct", "LSTM", "MLP", "MultiheadAttention", "QuantizedLinear",
+           "RMSNorm"]

@@ -1,0 +1,160 @@
+// Weight-only quantized linear on the CPU: y = x Wᵀ (+ b) with W stored as int8 per output row
+// or int4 in groups along K (python/fuseformer/ops/quant.py has the format).
+//
+// Decode-sized inputs (up to kGemvRows rows) are bound by reading the weight, so the codes are
+// read once, straight from their packed bytes, and converted to float32 inside the dot
+// product: 1 byte (int8) or half a byte (int4) per weight instead of float32's 4. Each output
+// row n is a task: its codes stream from memory once and from L1 for every further input row;
+// per group a vector dot of x with (u - z) (the zero point subtracted before the product: no
+// cancellation), scaled into the row's total. Larger inputs are compute bound: the weight is
+// dequantized once to float32 and multiplied by ATen's GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "vectorize.h"
+
+namespace fuseformer::cpu {
+namespace {
+
+constexpr int64_t kGemvRows = 16;
+
+struct QuantArgs {
+  const float* x;       // (M, K); int4: deinterleaved to x_even | x_odd, (M, K) as 2 (M, K/2)
+  const float* x_odd;   // int4: the odd columns
+  const void* codes;    // int8 (N, K) or uint8 (N, K/2)
+  const float* scales;  // (N, G)
+  const uint8_t* zeros; // (N, G) or null (int4 symmetric: 8; int8: none)
+  const float* bias;    // (N,) or null
+  float* out;           // (M, N)
+  int64_t m, n, k, groups, group_size;
+};
+
+// One output row n for every row of x. `omp simd` with the reduction: the compiler keeps one
+// vector of partial sums per loop (float addition is not associative, so without it the
+// loops stay scalar).
+template <int BITS>
+__attribute__((always_inline)) inline void quant_row(const QuantArgs& a, int64_t n) {
+  const float* scales = a.scales + n * a.groups;
+  const float bias = a.bias ? a.bias[n] : 0.0f;
+  if constexpr (BITS == 8) {
+    const int8_t* q = static_cast<const int8_t*>(a.codes) + n * a.k;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const float* x = a.x + m * a.k;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < a.k; ++k) acc += x[k] * static_cast<float>(q[k]);
+      a.out[m * a.n + n] = acc * scales[0] + bias;
+    }
+  } else {
+    const uint8_t* q = static_cast<const uint8_t*>(a.codes) + n * (a.k / 2);
+    const int64_t half = a.k / 2, pairs = a.group_size / 2;
+    for (int64_t m = 0; m < a.m; ++m) {
+      const float* xe = a.x + m * half;
+      const float* xo = a.x_odd + m * half;
+      float total = 0.0f;
+      for (int64_t g = 0; g < a.groups; ++g) {
+        // The zero point comes off each code before the product (no cancellation at the end).
+        const float z = a.zeros ? static_cast<float>(a.zeros[n * a.groups + g]) : 8.0f;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = g * pairs; j < (g + 1) * pairs; ++j) {
+          acc += xe[j] * (static_cast<float>(q[j] & 15) - z) + xo[j] * (static_cast<float>(q[j] >> 4) - z);
+        }
+        total += scales[g] * acc;
+      }
+      a.out[m * a.n + n] = total + bias;
+    }
+  }
+}
+
+template <int BITS>
+FF_VECTORIZE void quant_rows(const QuantArgs& a, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) quant_row<BITS>(a, n);
+}
+
+// The float32 (N, K) weight: (u - z)·s per element.
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                      int64_t bits, int64_t k, int64_t group_size) {
+  const int64_t n = codes.size(0), groups = scales.size(1);
+  at::Tensor w = at::empty({n, k}, scales.options());
+  float* out = w.data_ptr<float>();
+  const float* s = scales.const_data_ptr<float>();
+  const uint8_t* z = zeros ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (bits == 8) {
+        const int8_t* q = codes.const_data_ptr<int8_t>() + r * k;
+        for (int64_t c = 0; c < k; ++c) out[r * k + c] = static_cast<float>(q[c]) * s[r];
+      } else {
+        const uint8_t* q = codes.const_data_ptr<uint8_t>() + r * (k / 2);
+        for (int64_t c = 0; c < k; ++c) {
+          const int64_t g = c / group_size;
+          const int code = c % 2 ? q[c / 2] >> 4 : q[c / 2] & 15;
+          out[r * k + c] = (static_cast<float>(code) - (z ? z[r * groups + g] : 8.0f)) * s[r * groups + g];
+        }
+      }
+    }
+  });
+  return w;
+}
+
+at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales_in,
+                                const std::optional<at::Tensor>& zeros_in, const std::optional<at::Tensor>& bias_in,
+                                int64_t bits, int64_t group_size) {
+  const char* op = "fuseformer quantized_linear";
+  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(x_in.dim() == 2 && codes.dim() == 2 && scales_in.dim() == 2, op,
+              ": x (M, K), qweight and scales must be 2-D");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", dtype);
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = codes.size(0);
+  TORCH_CHECK(codes.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && codes.size(1) == (bits == 8 ? k : k / 2),
+              op, ": qweight must be ", bits == 8 ? "int8 (N, K)" : "uint8 (N, K/2)", " for K=", k, ", got ",
+              codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(group_size > 0 && k % group_size == 0 && (bits == 8 ? group_size == k : group_size % 32 == 0), op,
+              ": group_size ", group_size, " does not fit K=", k, " (int8: K; int4: a multiple of 32 dividing K)");
+  const int64_t groups = k / group_size;
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.size(0) == n && scales_in.size(1) == groups, op,
+              ": scales must be float32 [", n, ", ", groups, "], got ", scales_in.scalar_type(), " ", scales_in.sizes());
+  TORCH_CHECK(!zeros_in || (bits == 4 && zeros_in->scalar_type() == at::kByte && zeros_in->size(0) == n &&
+                            zeros_in->size(1) == groups),
+              op, ": zeros must be uint8 [", n, ", ", groups, "] (int4 only)");
+  TORCH_CHECK(!bias_in || (bias_in->dim() == 1 && bias_in->size(0) == n), op, ": bias must be [", n, "]");
+  const at::Tensor scales = scales_in.contiguous(), c = codes.contiguous();
+  const std::optional<at::Tensor> zeros = zeros_in ? std::optional<at::Tensor>(zeros_in->contiguous()) : std::nullopt;
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor bias = bias_in ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  if (m > kGemvRows) {
+    const at::Tensor w = dequantize(c, scales, zeros, bits, k, group_size);
+    at::Tensor out = bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
+    return out.to(dtype);
+  }
+  at::Tensor out = at::empty({m, n}, x.options());
+  QuantArgs a{x.const_data_ptr<float>(), nullptr, c.const_data_ptr(), scales.const_data_ptr<float>(),
+              zeros ? zeros->const_data_ptr<uint8_t>() : nullptr, bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+              out.data_ptr<float>(), m, n, k, groups, group_size};
+  at::Tensor x_even, x_odd;
+  if (bits == 4) {
+    // Even and odd columns apart, so the low and high nibbles of a byte meet contiguous x.
+    x_even = x.slice(1, 0, k, 2).contiguous();
+    x_odd = x.slice(1, 1, k, 2).contiguous();
+    a.x = x_even.const_data_ptr<float>();
+    a.x_odd = x_odd.const_data_ptr<float>();
+  }
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k * m, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    bits == 8 ? quant_rows<8>(a, begin, end) : quant_rows<4>(a, begin, end);
+  });
+  return out.to(dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fuseformer, CPU, m) { m.impl("quantized_linear", &quantized_linear_cpu); }
+
+}  // namespace fuseformer::cpu
