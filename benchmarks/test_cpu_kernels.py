@@ -89,3 +89,23 @@ def test_gated_mlp_forward_backward(benchmark):
         return torch.autograd.grad(mlp(x), (x, *mlp.parameters()), grad)
 
     benchmark(_forced(step))
+
+
+def test_lstm_variable_lengths_forward_backward(benchmark):
+    lstm = fuseformer.nn.LSTM(256, 256, batch_first=True)
+    x = torch.randn(16, 64, 256, requires_grad=True)
+    lengths = torch.randint(32, 65, (16,))
+
+    def step():
+        out, (h, c) = lstm(x, lengths=lengths, enforce_sorted=False)
+        return torch.autograd.grad(out.sum() + h.sum(), (x, *lstm.parameters()))
+
+    benchmark(_forced(step))
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int4_weight_only"])
+def test_quantized_linear_decode(benchmark, scheme):
+    qw = fuseformer.ops.quantize_weight(torch.randn(4096, 4096) / 64, scheme, 128)
+    x = torch.randn(1, 4096)
+    with torch.no_grad():
+        benchmark(_forced(lambda: fuseformer.ops.quantized_linear(x, qw)))

@@ -4,16 +4,21 @@
 // Decode-sized inputs (up to kGemvRows rows) are bound by reading the weight, so the codes are
 // read once, straight from their packed bytes, and converted to float32 inside the dot
 // product: 1 byte (int8) or half a byte (int4) per weight instead of float32's 4. Each output
-// row n is a task: its codes stream from memory once and from L1 for every further input row;
-// per group a vector dot of x with (u - z) (the zero point subtracted before the product: no
-// cancellation), scaled into the row's total. Larger inputs are compute bound: the weight is
-// dequantized once to float32 and multiplied by ATen's GEMM.
+// row n is a task: its codes stream from memory once; per group a vector dot of x with (u - z)
+// (the zero point subtracted before the product: no cancellation), scaled into the row's
+// total. Runtime dispatch: AVX-512 intrinsics where the CPU has them (codes converted once for
+// up to 4 input rows), else the compiler's AVX2 / baseline loops. Larger inputs are compute
+// bound: the weight is dequantized once to float32 and multiplied by ATen's GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "vectorize.h"
 
@@ -75,6 +80,98 @@ template <int BITS>
 FF_VECTORIZE void quant_rows(const QuantArgs& a, int64_t n_begin, int64_t n_end) {
   for (int64_t n = n_begin; n < n_end; ++n) quant_row<BITS>(a, n);
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX-512: the codes of 16 bytes are widened and converted once and multiplied into up to
+// kTile rows of x; two accumulators per row hide the FMA latency, and each group's sum is
+// scaled into a vector total (one horizontal sum per output). The auto-vectorized loops
+// above end every group with a horizontal sum and convert the codes again for every row.
+constexpr int kTile = 4;
+
+template <int MT>
+__attribute__((target("avx512f"))) void int8_row_avx512(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int8_t* q = static_cast<const int8_t*>(a.codes) + n * a.k;
+  __m512 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + 32 <= a.k; k0 += 32) {
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k0))));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k0 + 16))));
+    for (int m = 0; m < MT; ++m) {
+      const float* x = a.x + (m0 + m) * a.k + k0;
+      acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x), w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16), w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    const float* x = a.x + (m0 + m) * a.k;
+    for (int64_t k = k0; k < a.k; ++k) sum += x[k] * static_cast<float>(q[k]);
+    a.out[(m0 + m) * a.n + n] = sum * a.scales[n] + (a.bias ? a.bias[n] : 0.0f);
+  }
+}
+
+template <int MT>
+__attribute__((target("avx512f"))) void int4_row_avx512(const QuantArgs& a, int64_t n, int64_t m0) {
+  const uint8_t* q = static_cast<const uint8_t*>(a.codes) + n * (a.k / 2);
+  const int64_t half = a.k / 2, pairs = a.group_size / 2;  // pairs: a multiple of 16
+  const __m512i nibble = _mm512_set1_epi32(15);
+  __m512 total[MT];
+  for (int m = 0; m < MT; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const __m512 z = _mm512_set1_ps(a.zeros ? static_cast<float>(a.zeros[n * a.groups + g]) : 8.0f);
+    __m512 acc[MT][2];
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t j = g * pairs; j < (g + 1) * pairs; j += 16) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+      const __m512 lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nibble)), z);
+      const __m512 hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), z);
+      for (int m = 0; m < MT; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.x + (m0 + m) * half + j), lo, acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a.x_odd + (m0 + m) * half + j), hi, acc[m][1]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(a.scales[n * a.groups + g]);
+    for (int m = 0; m < MT; ++m) total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), s, total[m]);
+  }
+  for (int m = 0; m < MT; ++m) {
+    a.out[(m0 + m) * a.n + n] = _mm512_reduce_add_ps(total[m]) + (a.bias ? a.bias[n] : 0.0f);
+  }
+}
+
+template <int BITS, int MT>
+__attribute__((target("avx512f"))) void row_avx512(const QuantArgs& a, int64_t n, int64_t m0) {
+  if constexpr (BITS == 8) {
+    int8_row_avx512<MT>(a, n, m0);
+  } else {
+    int4_row_avx512<MT>(a, n, m0);
+  }
+}
+
+template <int BITS>
+__attribute__((target("avx512f"))) void quant_rows_avx512(const QuantArgs& a, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    int64_t m0 = 0;
+    for (; m0 + kTile <= a.m; m0 += kTile) row_avx512<BITS, kTile>(a, n, m0);
+    switch (a.m - m0) {
+      case 3: row_avx512<BITS, 3>(a, n, m0); break;
+      case 2: row_avx512<BITS, 2>(a, n, m0); break;
+      case 1: row_avx512<BITS, 1>(a, n, m0); break;
+      default: break;
+    }
+  }
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#else
+bool has_avx512() { return false; }
+template <int BITS>
+void quant_rows_avx512(const QuantArgs&, int64_t, int64_t) {}
+#endif
 
 // The float32 (N, K) weight: (u - z)·s per element.
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
@@ -147,8 +244,13 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes,
     a.x_odd = x_odd.const_data_ptr<float>();
   }
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k * m, 1));
+  const bool avx512 = has_avx512();
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    bits == 8 ? quant_rows<8>(a, begin, end) : quant_rows<4>(a, begin, end);
+    if (avx512) {
+      bits == 8 ? quant_rows_avx512<8>(a, begin, end) : quant_rows_avx512<4>(a, begin, end);
+    } else {
+      bits == 8 ? quant_rows<8>(a, begin, end) : quant_rows<4>(a, begin, end);
+    }
   });
   return out.to(dtype);
 }

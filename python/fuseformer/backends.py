@@ -63,10 +63,10 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # torch's packed path) and projections (1.3-1.7x) from batch 8; dense float32 LSTMs stay on
     # torch's oneDNN RNN, which they do not beat (ops/lstm.py routes per call).
     "lstm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
-    # Weight-only quantized linear (int8 / int4): the Triton GEMM with the dequantization in
-    # its main loop on CUDA (not yet measured on a GPU); CPU: the C++ GEMV
-    # (benchmarks/results/cpu/quant.md).
-    "quant": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    # Weight-only quantized linear (int8 / int4): on CUDA the Triton GEMM with the
+    # dequantization in its main loop, then the C++ CUDA GEMV (neither measured on a GPU yet:
+    # bench:quant decides); CPU: the C++ GEMV (benchmarks/results/cpu/quant.md).
+    "quant": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
 }
 
 
@@ -79,7 +79,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "linear": BACKENDS,
     "conv": ("torch", "triton", "cpu"),
     "lstm": BACKENDS,
-    "quant": ("torch", "triton", "cpu"),
+    "quant": BACKENDS,
 }
 
 

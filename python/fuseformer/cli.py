@@ -51,6 +51,8 @@ def _bench(args: argparse.Namespace) -> int:
         for baseline, why in missing.items():
             print(f"{name}: baseline {baseline} is missing ({why})")
         paths = harness.write_results(out_dir, name, rows, env, ceilings, title, missing)
+        if hasattr(module, "write_extra"):  # a family's report beyond timings (quant: accuracy)
+            paths += module.write_extra(out_dir, device, dtype, args.quick)
         print("wrote " + ", ".join(str(p) for p in paths))
     from fuseformer.bench import report
 
