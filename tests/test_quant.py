@@ -25,7 +25,7 @@ SCHEMES = [("int8_weight_only", 128, True), ("int4_weight_only", 32, False), ("i
            ("int4_weight_only", 128, True)]
 SCHEME_IDS = ["int8", "int4-g32-sym", "int4-g64-zp", "int4-g128-zp"]
 # (M rows, K, N): decode rows, the GEMV/GEMM switch (16/17), tile remainders.
-SHAPES = [(1, 256, 96), (3, 128, 50), (16, 384, 130), (17, 256, 64), (40, 512, 33)]
+SHAPES = [(1, 256, 96), (3, 128, 50), (16, 384, 130), (17, 256, 64), (40, 512, 33), (5, 100, 24)]  # K=100: int8 tail
 
 
 def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
