@@ -94,4 +94,7 @@ TORCH_LIBRARY(fuseformer, m) {
   m.def(
       "quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
       "int group_size) -> Tensor");
+  // W8A8 (scheme int8_dynamic): each row of x quantized per call to int8 (s_x = max|row| / 127,
+  // half-to-even rounding), int8 x int8 -> int32, then s_x · scales (N,) (+ bias).
+  m.def("int8_dynamic_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
 }

@@ -97,3 +97,77 @@ def quantized_linear(x, qweight, scales, zeros, bias, bits: int, group_size: int
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+# ---- W8A8: per-row dynamic activation quantization, int8 GEMM, int32 accumulation ----------
+
+_ROUND = tl.constexpr(12582912.0)  # 1.5·2^23: (v + R) - R rounds half to even (|v| < 2^22)
+
+
+@triton.jit
+def _quantize_rows(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr):
+    """One program per row: s = max|x| / 127, q = round(x / s), as ops.quantize_activation."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = tl.maximum(tl.max(amax, axis=0) / 127.0, 1.1754943508222875e-38)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+        v = (tl.math.div_rn(x, s) + _ROUND) - _ROUND  # IEEE division: the codes match the reference
+        tl.store(q_ptr + row * K + kk, tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8), mask=kk < K)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _int8_gemm(
+    q_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, out_ptr, M, N, K,
+    HAS_BIAS: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        a = tl.load(q_ptr + offs_m[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        b = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc = tl.dot(a, b, acc)
+    sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], to_output(out, out_ptr.dtype.element_ty, SOFTWARE_BF16),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): int8 tensor-core tiles (K-steps of 128
+# bytes); the interpreter takes small ones.
+_INT8_GPU_TILE = (128, 128, 128, 8, 3)
+_INT8_INTERPRETER_TILE = (16, 16, 32, 1, 1)
+
+
+def int8_dynamic_linear(x, qweight, scales, bias):
+    """(M, N) in x's dtype: x quantized per row to int8, then the int8 GEMM."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    qx = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    sx = torch.empty((m,), device=x.device, dtype=torch.float32)
+    _quantize_rows[(m,)](x, qx, sx, k, BLOCK_K=min(1024, triton.next_power_of_2(k)) if x.is_cuda else 32)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    bm, bn, bk, warps, stages = _INT8_GPU_TILE if x.is_cuda else _INT8_INTERPRETER_TILE
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _int8_gemm[grid](
+        qx, qweight.contiguous(), sx, scales.reshape(-1).contiguous(), bias if bias is not None else sx, out, m, n, k,
+        HAS_BIAS=bias is not None, SOFTWARE_BF16=software_bf16(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    return out

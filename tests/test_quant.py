@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 
 import fuseformer
-from fuseformer.ops import QuantizedWeight, dequantize_weight, quantize_weight, quantized_linear, sqnr_db
+from fuseformer.ops import (QuantizedWeight, dequantize_weight, quantize_activation, quantize_weight, quantized_linear,
+                            sqnr_db)
 from accuracy import assert_matches_reference, backend_device_pairs
 
 PAIRS = backend_device_pairs("quant")
 PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 SCHEMES = [("int8_weight_only", 128, True), ("int4_weight_only", 32, False), ("int4_weight_only", 64, True),
-           ("int4_weight_only", 128, True)]
-SCHEME_IDS = ["int8", "int4-g32-sym", "int4-g64-zp", "int4-g128-zp"]
+           ("int4_weight_only", 128, True), ("int8_dynamic", 128, True)]
+SCHEME_IDS = ["int8", "int4-g32-sym", "int4-g64-zp", "int4-g128-zp", "w8a8"]
 # (M rows, K, N): decode rows, the GEMV/GEMM switch (16/17), tile remainders.
 SHAPES = [(1, 256, 96), (3, 128, 50), (16, 384, 130), (17, 256, 64), (40, 512, 33), (5, 100, 24)]  # K=100: int8 tail
 
@@ -51,9 +52,21 @@ def test_matches_dequantized_reference(backend, device, scheme, group, zero_poin
     w64 = dequantize_weight(qw, torch.float64)
     for dtype in dtypes_for(backend, device):
         x = torch.randn(m, k, device=device).to(dtype)
+        x[0, 3] = 0.5 * x[0].abs().max()  # a code on a rounding tie (q = 63.5): half to even everywhere
         bias = torch.randn(n, device=device).to(dtype) if with_bias else None
-        ref = F.linear(x.double(), w64, bias.double() if bias is not None else None)
-        lowp = F.linear(x, dequantize_weight(qw, dtype), bias)
+        b64 = bias.double() if bias is not None else None
+        if scheme == "int8_dynamic":
+            # The same activation codes on every backend (a differing one would cost ~1e-3), the
+            # int32 product exact: the reference is the scaled product in float64; PyTorch's
+            # low-precision counterpart is the "torch" backend rounding it to dtype.
+            qx, sx = quantize_activation(x)
+            ref = (qx.double() @ qw.qweight.double().t()) * sx.double()[:, None] * qw.scales.double().view(-1)
+            ref = ref + b64 if b64 is not None else ref
+            with fuseformer.use_backend("torch"):
+                lowp = quantized_linear(x, qw, bias)
+        else:
+            ref = F.linear(x.double(), w64, b64)
+            lowp = F.linear(x, dequantize_weight(qw, dtype), bias)
         with fuseformer.use_backend(backend):
             out = quantized_linear(x, qw, bias)
         assert_matches_reference(f"{backend} {scheme} {dtype}", out, ref, lowp)
@@ -82,6 +95,19 @@ def test_sqnr_reaches_round_to_nearest(scheme, zero_points, expected_db):
     symmetric) and 20 dB (with zero points); ours must too (within 0.3 dB of chance)."""
     w = torch.randn(1024, 1024)
     assert sqnr_db(w, dequantize_weight(quantize_weight(w, scheme, 128, zero_points))) >= expected_db - 0.3
+
+
+def test_w8a8_output_sqnr_and_activation_codes():
+    """W8A8 on Gaussian weights and activations: ~40 dB on the output; the codes are the
+    nearest integers (half to even) of x / s with s = max|x_row| / 127."""
+    w, x = torch.randn(256, 512), torch.randn(32, 512)
+    y = quantized_linear(x, quantize_weight(w, "int8_dynamic"))
+    assert sqnr_db(x @ w.t(), y) > 36.0
+    qx, sx = quantize_activation(x)
+    torch.testing.assert_close(sx, x.abs().amax(1) / 127, rtol=0, atol=0)
+    assert torch.equal(qx, torch.round(x / sx[:, None]).to(torch.int8))
+    qz, sz = quantize_activation(torch.zeros(2, 8))
+    assert torch.equal(qz, torch.zeros(2, 8, dtype=torch.int8)) and bool((sz > 0).all())
 
 
 def test_sqnr_on_outlier_channels_and_smaller_groups():
@@ -124,7 +150,7 @@ class Tiny(torch.nn.Module):
         return self.head(h), self.odd(h)
 
 
-@pytest.mark.parametrize("scheme,group", [("int8_weight_only", 128), ("int4_weight_only", 64)])
+@pytest.mark.parametrize("scheme,group", [("int8_weight_only", 128), ("int4_weight_only", 64), ("int8_dynamic", 128)])
 def test_quantize_model_converts_reports_and_round_trips(tmp_path, scheme, group):
     torch.manual_seed(0)
     model = Tiny().eval()
@@ -197,6 +223,17 @@ def test_quantized_linear_module_matches_ops_and_compiles():
     torch.testing.assert_close(torch.compile(q, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
     assert q.memory_footprint() == 72 * 64 + 72 * 4 * 4 + 72 * 4 + 72 * 4
     assert "int4_weight_only" in repr(q)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_opcheck_int8_dynamic(backend, device):
+    if backend == "cuda":
+        pytest.skip("int8_dynamic runs on triton, cpu and torch")
+    qw = quantize_weight(_weight(40, 64, device), "int8_dynamic")
+    op = (torch.ops.fuseformer.triton_int8_dynamic_linear if backend == "triton"
+          else torch.ops.fuseformer.int8_dynamic_linear)
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    torch.library.opcheck(op, (x, qw.qweight, qw.scales, torch.randn(40, device=device)))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <optional>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -255,8 +257,57 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes,
   return out.to(dtype);
 }
 
+// ---- W8A8: int8 activations quantized per row, int8 x int8 -> int32 GEMM ----
+
+// Codes and scale of one row: s = max|x| / 127, q = round(x / s) half to even (the float32
+// magic number 1.5·2^23, as fuseformer.ops.quantize_activation: every backend's codes agree).
+FF_VECTORIZE void quantize_row(const float* __restrict x, int8_t* __restrict q, float* scale, int64_t k) {
+  float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+  for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float s = std::max(amax / 127.0f, std::numeric_limits<float>::min());
+  constexpr float kRound = 12582912.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    const float v = (x[j] / s + kRound) - kRound;
+    q[j] = static_cast<int8_t>(std::min(std::max(v, -127.0f), 127.0f));
+  }
+  *scale = s;
+}
+
+at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales_in,
+                                   const std::optional<at::Tensor>& bias_in) {
+  const char* op = "fuseformer int8_dynamic_linear";
+  TORCH_CHECK(x_in.dim() == 2 && qweight.dim() == 2 && qweight.scalar_type() == at::kChar, op,
+              ": x must be 2-D (M, K) and qweight int8 (N, K)");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", dtype);
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == k, op, ": qweight must have K=", k, " columns, got ", qweight.size(1));
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.numel() == n, op, ": scales must be float32 with ",
+              n, " values");
+  TORCH_CHECK(!bias_in || (bias_in->dim() == 1 && bias_in->size(0) == n), op, ": bias must be [", n, "]");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor qx = at::empty({m, k}, x.options().dtype(at::kChar));
+  at::Tensor sx = at::empty({m}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  int8_t* qp = qx.data_ptr<int8_t>();
+  float* sp = sx.data_ptr<float>();
+  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) quantize_row(xp + r * k, qp + r * k, sp + r, k);
+  });
+  // oneDNN's int8 GEMM (VNNI / AMX where the CPU has them), exact in int32.
+  const at::Tensor acc = at::_int_mm(qx, qweight.t());
+  at::Tensor out = (acc.to(at::kFloat) * sx.unsqueeze(1)) * scales_in.reshape({1, n}).to(at::kFloat);
+  if (bias_in) out.add_(bias_in->to(at::kFloat));
+  return out.to(dtype);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fuseformer, CPU, m) { m.impl("quantized_linear", &quantized_linear_cpu); }
+TORCH_LIBRARY_IMPL(fuseformer, CPU, m) {
+  m.impl("quantized_linear", &quantized_linear_cpu);
+  m.impl("int8_dynamic_linear", &int8_dynamic_linear_cpu);
+}
 
 }  // namespace fuseformer::cpu

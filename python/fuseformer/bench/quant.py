@@ -1,5 +1,5 @@
-"""Benchmark cases for weight-only quantized linear layers: int8 per channel and int4 g128 (zero
-points) against F.linear with the float weight (cuBLAS bf16 on a GPU, float32 on the CPU) at
+"""Benchmark cases for quantized linear layers: int8 per channel and int4 g128 (zero points)
+weight-only, and W8A8 int8 with per-row dynamic activation scales, against F.linear with the float weight (cuBLAS bf16 on a GPU, float32 on the CPU) at
 decode and prefill batch sizes, Llama-3-8B shapes on a GPU (K -> N: 4096 -> 4096, 4096 ->
 14336, 14336 -> 4096, 4096 -> 128256) and smaller ones on the CPU; torchao's int8 weight-only
 and int4 layers where installed.
@@ -29,7 +29,9 @@ from fuseformer.bench.harness import Case
 from fuseformer.ops.quant import quantize_weight, quantized_linear
 
 FAMILY = "quant"
-SCHEMES = (("int8_weight_only", 128, True), ("int4_weight_only", 128, True))
+SCHEMES = (("int8_weight_only", 128, True), ("int4_weight_only", 128, True), ("int8_dynamic", 128, True))
+_LABELS = {"int8_weight_only": "int8 weight-only", "int4_weight_only": "int4 weight-only g128",
+           "int8_dynamic": "W8A8 int8 dynamic"}
 
 
 def _shapes(device: str, quick: bool) -> list[tuple[int, int, int]]:
@@ -85,13 +87,16 @@ def _eager(weight, x):
 def _torchao(scheme: str, weight: torch.Tensor, x: torch.Tensor):
     """torchao's layer for the scheme, or None when torchao (or its kernel here) is missing."""
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                          Int8WeightOnlyConfig, quantize_)
     except ImportError:
         return None
+    configs = {"int8_weight_only": Int8WeightOnlyConfig, "int8_dynamic": Int8DynamicActivationInt8WeightConfig,
+               "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=128)}
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=x.device, dtype=x.dtype)
     layer.weight.data.copy_(weight)
     try:
-        quantize_(layer, Int8WeightOnlyConfig() if scheme == "int8_weight_only" else Int4WeightOnlyConfig(group_size=128))
+        quantize_(layer, configs[scheme]())
         layer(x)
     except Exception:  # noqa: BLE001 - a torchao without this kernel on this device
         return None
@@ -119,7 +124,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
             torchao = _torchao(scheme, weight, x)
             if torchao is not None:
                 impls["torchao"] = torchao
-            label = "int8 weight-only" if scheme == "int8_weight_only" else f"int4 weight-only g{group}"
+            label = _LABELS[scheme]
             moved = qw.nbytes() + (m * k + m * n) * elt
             yield Case(FAMILY, label, "fwd", (m, k, n), dtype, impls, bytes=moved, flops=2 * m * k * n)
 
@@ -153,13 +158,13 @@ def write_extra(out_dir: Path, device: str, dtype: torch.dtype, quick: bool) -> 
 
     rows = [{"scheme": "float", "loss": evaluate(model), "weight_MiB": None}]
     variants = [("int8_weight_only", 128, True), ("int4_weight_only", 128, True), ("int4_weight_only", 128, False),
-                ("int4_weight_only", 32, True)]
+                ("int4_weight_only", 32, True), ("int8_dynamic", 128, True)]
     for scheme, group, zero_points in variants:
         quantized = GPT(config, backend="torch").to(device)
         quantized.load_state_dict(model.state_dict())
         fuseformer.quantize(quantized.eval(), scheme, group_size=group, zero_points=zero_points)
         report = quantized.fuseformer_quantize_report
-        name = scheme if scheme == "int8_weight_only" else f"{scheme} g{group}{'' if zero_points else ' symmetric'}"
+        name = scheme if scheme != "int4_weight_only" else f"{scheme} g{group}{'' if zero_points else ' symmetric'}"
         rows.append({"scheme": name, "loss": evaluate(quantized), "weight_MiB": report.bytes_after / 2**20,
                      "float_MiB": report.bytes_before / 2**20})
     lines = [f"# Quantization accuracy: reference GPT ({config.n_layer} layers, {config.n_embd} wide, {steps} "

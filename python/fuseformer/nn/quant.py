@@ -4,6 +4,7 @@
                   zero_points=True, device=None, dtype=None)
   QuantizedLinear.from_float(linear, scheme, group_size=128, zero_points=True)
 
+Schemes as fuseformer.ops.quantize_weight's (int8_weight_only, int4_weight_only, int8_dynamic).
 Buffers (the state_dict): ``qweight`` (int8 (N, K), or uint8 (N, K/2) for int4), ``scales``
 (float32), ``zeros`` (uint8; int4 with zero points), ``bias`` (the activation dtype). Inference
 only: the buffers take no gradient (the input gets one). ``memory_footprint()`` counts their
@@ -26,10 +27,11 @@ class QuantizedLinear(torch.nn.Module):
         quant_ops._check_scheme(scheme, "fuseformer.nn.QuantizedLinear")
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.zero_points = scheme, zero_points
-        self.group_size = in_features if scheme == "int8_weight_only" else group_size
+        per_channel = scheme != "int4_weight_only"
+        self.group_size = in_features if per_channel else group_size
         # Codes of a zero weight in the right format and shapes; from_float or load_state_dict fills them.
         empty = quant_ops.quantize_weight(torch.zeros(out_features, in_features, device=device), scheme,
-                                          self.group_size if scheme != "int8_weight_only" else 128, zero_points)
+                                          128 if per_channel else self.group_size, zero_points)
         self.register_buffer("qweight", empty.qweight)
         self.register_buffer("scales", empty.scales)
         self.register_buffer("zeros", empty.zeros)
@@ -59,6 +61,7 @@ class QuantizedLinear(torch.nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}, zero_points={self.zero_points}" if self.scheme != "int8_weight_only" else ""
+        group = (f", group_size={self.group_size}, zero_points={self.zero_points}"
+                 if self.scheme == "int4_weight_only" else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme!r}{group}")

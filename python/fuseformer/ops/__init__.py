@@ -10,7 +10,8 @@ from fuseformer.ops.conv import conv2d_act
 from fuseformer.ops.linear import gated_linear, linear_act
 from fuseformer.ops.lstm import lstm
 from fuseformer.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from fuseformer.ops.quant import QuantizedWeight, dequantize_weight, quantize_weight, quantized_linear, sqnr_db
+from fuseformer.ops.quant import (QuantizedWeight, dequantize_weight, quantize_activation, quantize_weight,
+                                   quantized_linear, sqnr_db)
 
 __all__ = [
     "attention",
@@ -26,6 +27,7 @@ __all__ = [
     "add_rms_norm",
     "QuantizedWeight",
     "dequantize_weight",
+    "quantize_activation",
     "quantize_weight",
     "quantized_linear",
     "sqnr_db",

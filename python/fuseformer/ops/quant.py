@@ -1,13 +1,19 @@
-"""Weight-only quantized linear layers: int8 per output channel, int4 in groups along K.
+"""Quantized linear layers: int8 / int4 weight-only, and W8A8 int8 with dynamic activation scales.
 
 Public functions:
   quantize_weight(weight, scheme, group_size=128, zero_points=True) -> QuantizedWeight
   dequantize_weight(qw, dtype=torch.float32) -> Tensor (N, K)
-  quantized_linear(x, qw, bias=None) = F.linear(x, dequantize_weight(qw, x.dtype), bias),
-      with the dequantization inside the GEMM's main loop
+  quantize_activation(x) -> (qx int8, sx float32): per-row (per-token) symmetric int8
+  quantized_linear(x, qw, bias=None)
+      weight-only schemes: F.linear(x, dequantize_weight(qw, x.dtype), bias), with the
+      dequantization inside the GEMM's main loop; int8_dynamic: sx·sw·(qx · qwᵀ) + bias with an
+      int8 GEMM accumulating in int32
 
 Schemes (``SCHEMES``), round-to-nearest:
   "int8_weight_only"  qweight int8 (N, K), symmetric per output row: w = q · s, s = max|w_row| / 127
+  "int8_dynamic"      W8A8: the weight as int8_weight_only; each row of x quantized per call to int8
+                      with s_x = max|x_row| / 127 (q = round(x / s_x), half to even), the
+                      product in int8 x int8 -> int32, then scaled by s_x · s_w
   "int4_weight_only"  qweight uint8 (N, K/2), two 4-bit codes per byte along K (k even in the low
                       nibble, k odd in the high one), groups of ``group_size`` along K:
                       w = (u - z) · s; with zero points s = (max - min) / 15 and z = round(-min / s)
@@ -37,9 +43,12 @@ from fuseformer.ops import _checks
 
 Tensor = torch.Tensor
 
-SCHEMES = ("int8_weight_only", "int4_weight_only")
+SCHEMES = ("int8_weight_only", "int4_weight_only", "int8_dynamic")
 GROUP_SIZES = (32, 64, 128, 256)
-_BITS = {"int8_weight_only": 8, "int4_weight_only": 4}
+_BITS = {"int8_weight_only": 8, "int4_weight_only": 4, "int8_dynamic": 8}
+# Rounding to the nearest integer, half to even, by the float32 magic number 1.5·2^23 (exact
+# for |v| < 2^22): what every backend's activation quantizer does, so their codes agree.
+_ROUND = 12582912.0
 
 
 @dataclasses.dataclass
@@ -78,7 +87,7 @@ def quantize_weight(weight: Tensor, scheme: str, group_size: int = 128, zero_poi
                          f"{list(weight.shape)}")
     n, k = weight.shape
     w = weight.detach().float()
-    if scheme == "int8_weight_only":
+    if scheme in ("int8_weight_only", "int8_dynamic"):
         scales = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round(w / scales).clamp_(-127, 127).to(torch.int8)
         return QuantizedWeight(q, scales, None, scheme, k, (n, k))
@@ -117,6 +126,15 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return w.view(n, k).to(dtype)
 
 
+def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: codes (M, K) and float32 scales (M,), s = max|x_row| / 127 (a zero
+    row gets the smallest normal scale and zero codes). The reference of the kernels' quantizers."""
+    xf = x.float()
+    scales = (xf.abs().amax(dim=-1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = ((xf / scales[..., None]) + _ROUND) - _ROUND
+    return codes.clamp_(-127, 127).to(torch.int8), scales
+
+
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
     """Signal-to-quantization-noise ratio, 10·log10(‖ref‖² / ‖ref - approx‖²), in dB."""
     ref, approx = reference.double(), approximation.double()
@@ -149,7 +167,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     # dX = g · W (the dequantized weight); the codes and scales get no gradient.
     qweight, scales, zeros = ctx.saved_tensors
-    scheme = "int8_weight_only" if ctx.bits == 8 else "int4_weight_only"
+    scheme = "int8_weight_only" if ctx.bits == 8 else "int4_weight_only"  # the same dequantization
     w = dequantize_weight(QuantizedWeight(qweight, scales, zeros, scheme, ctx.group_size, (qweight.shape[0], ctx.k)),
                           grad_out.dtype)
     grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
@@ -161,6 +179,51 @@ torch.library.register_autograd("fuseformer::triton_quantized_linear", _backward
 if _extension.loaded():
     torch.library.register_fake("fuseformer::quantized_linear")(_quantized_linear_fake)
     torch.library.register_autograd("fuseformer::quantized_linear", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fuseformer::triton_int8_dynamic_linear", mutates_args=())
+def _triton_int8_dynamic_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    from fuseformer.kernels import quant as triton_quant
+
+    return triton_quant.int8_dynamic_linear(x, qweight, scales, bias)
+
+
+def _int8_dynamic_fake(x, qweight, scales, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def _dynamic_setup_context(ctx, inputs, output):
+    x, qweight, scales, bias = inputs
+    ctx.save_for_backward(qweight, scales)
+    ctx.has_bias = bias is not None
+
+
+def _dynamic_backward(ctx, grad_out):
+    # dX = g · W with W the dequantized weight (the activation rounding passes the gradient
+    # straight through, as quantization-aware training does).
+    qweight, scales = ctx.saved_tensors
+    w = (qweight.float() * scales).to(grad_out.dtype)
+    grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return grad_out @ w, None, None, grad_bias
+
+
+torch.library.register_fake("fuseformer::triton_int8_dynamic_linear")(_int8_dynamic_fake)
+torch.library.register_autograd("fuseformer::triton_int8_dynamic_linear", _dynamic_backward,
+                                setup_context=_dynamic_setup_context)
+if _extension.loaded():
+    torch.library.register_fake("fuseformer::int8_dynamic_linear")(_int8_dynamic_fake)
+    torch.library.register_autograd("fuseformer::int8_dynamic_linear", _dynamic_backward,
+                                    setup_context=_dynamic_setup_context)
+
+
+def _torch_int8_dynamic(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> Tensor:
+    """The reference: the same activation codes, the int32 product exact (float64 holds it)."""
+    qx, sx = quantize_activation(x)
+    acc = qx.double() @ qw.qweight.double().t()
+    out = acc * sx.double()[..., None] * qw.scales.double().view(-1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -193,6 +256,17 @@ def quantized_linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None)
             raise TypeError(f'{op}: the {backend!r} backend takes float32, float16 or bfloat16 x, got float64 '
                             '(float64 runs on the "torch" backend)')
         backend = "torch"
+    if qw.scheme == "int8_dynamic":
+        if backend == "cuda":
+            if backends.forced_backend() is not None:
+                raise ValueError(f'{op}: the "cuda" backend has no int8_dynamic kernel (it runs on "triton", "cpu" '
+                                 'and "torch")')
+            backend = "triton"
+        if backend == "torch":
+            return _torch_int8_dynamic(x, qw, bias)
+        fwd = (torch.ops.fuseformer.triton_int8_dynamic_linear if backend == "triton"
+               else torch.ops.fuseformer.int8_dynamic_linear)
+        return fwd(x.reshape(-1, k), qw.qweight, qw.scales, bias).view(*x.shape[:-1], n)
     if backend == "torch":
         return F.linear(x, dequantize_weight(qw, x.dtype), bias)
     fwd = torch.ops.fuseformer.triton_quantized_linear if backend == "triton" else torch.ops.fuseformer.quantized_linear
