@@ -1,4 +1,4 @@
-"""Compile the attention, linear, conv and LSTM Triton kernels for a GPU target on a machine without a GPU.
+"""Compile the attention, linear, conv, LSTM and quantization Triton kernels for a GPU target on a machine without a GPU.
 
     python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles]
 
@@ -27,6 +27,7 @@ from kernels import attention as A  # noqa: E402  (the source tree's kernels)
 from kernels import conv as CV  # noqa: E402
 from kernels import linear as L  # noqa: E402
 from kernels import lstm as LS  # noqa: E402
+from kernels import quant as Q  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
 KERNELS = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}
@@ -106,6 +107,7 @@ def main() -> int:
         failed |= not compile_linear(GPUTarget("cuda", arch, 32), args.all_tiles)
         failed |= not compile_conv(GPUTarget("cuda", arch, 32))
         failed |= not compile_lstm(GPUTarget("cuda", arch, 32))
+        failed |= not compile_quant(GPUTarget("cuda", arch, 32))
     return 1 if failed else 0
 
 
@@ -238,6 +240,42 @@ def compile_lstm(target) -> bool:
             except Exception as exc:  # noqa: BLE001
                 print(f"FAIL  sm_{target.arch} {name} {dtype}: {type(exc).__name__}: {str(exc)[:300]}")
                 ok = False
+    return ok
+
+
+def compile_quant(target) -> bool:
+    """The weight-only GEMM (int8 and int4 codes, decode and prefill tiles, fp16/bf16; fp32 on
+    its tile), the activation quantizer and the W8A8 int8 GEMM."""
+    ok = True
+    jobs = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        tiles = [Q._FP32_TILE] if dtype == "fp32" else [Q._DECODE_TILE, Q._PREFILL_TILE]
+        for bits in (8, 4):
+            for m, n, k, w, st in tiles:
+                consts = dict(BITS=bits, HAS_ZEROS=bits == 4, HAS_BIAS=True, SOFTWARE_BF16=False,
+                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=m, BLOCK_N=n,
+                              BLOCK_K=min(k, 128) if bits == 4 else k)
+                types = {"x_ptr": f"*{dtype}", "q_ptr": "*i8" if bits == 8 else "*u8", "s_ptr": "*fp32", "z_ptr": "*u8",
+                         "b_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+                jobs.append((Q._quant_linear, consts, types, w, st, f"int{bits} {dtype} {m}x{n}x{k}"))
+        jobs.append((Q._quantize_rows, dict(BLOCK_K=1024), {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": "*fp32"},
+                     4, 1, f"quantize_rows {dtype}"))
+        m, n, k, w, st = Q._INT8_GPU_TILE
+        jobs.append((Q._int8_gemm, dict(HAS_BIAS=True, SOFTWARE_BF16=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
+                     {"q_ptr": "*i8", "w_ptr": "*i8", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "b_ptr": f"*{dtype}",
+                      "out_ptr": f"*{dtype}"}, w, st, f"int8_gemm -> {dtype} {m}x{n}x{k}"))
+    for fn, consts, types, warps, stages, label in jobs:
+        sig = {name: "constexpr" if name in consts else types.get(name, "i32")
+               for name in inspect.signature(fn.fn).parameters}
+        start = time.time()
+        try:
+            kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+                                    options={"num_warps": warps, "num_stages": stages})
+            print(f"ok    sm_{target.arch} {fn.fn.__name__} {label}: {time.time() - start:5.1f} s, "
+                  f"shared {kernel.metadata.shared} B")
+        except Exception as exc:  # noqa: BLE001
+            print(f"FAIL  sm_{target.arch} {fn.fn.__name__} {label}: {type(exc).__name__}: {str(exc)[:300]}")
+            ok = False
     return ok
 
 
