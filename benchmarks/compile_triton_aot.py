@@ -245,7 +245,7 @@ def compile_lstm(target) -> bool:
 
 def compile_quant(target) -> bool:
     """The weight-only GEMM (int8 and int4 codes, decode and prefill tiles, fp16/bf16; fp32 on
-    its tile), the activation quantizer and the W8A8 int8 GEMM."""
+    its tile), the activation quantizer and the W8A8 GEMM (int8; e4m3 on sm_89+)."""
     ok = True
     jobs = []
     for dtype in ("fp16", "bf16", "fp32"):
@@ -258,12 +258,16 @@ def compile_quant(target) -> bool:
                 types = {"x_ptr": f"*{dtype}", "q_ptr": "*i8" if bits == 8 else "*u8", "s_ptr": "*fp32", "z_ptr": "*u8",
                          "b_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
                 jobs.append((Q._quant_linear, consts, types, w, st, f"int{bits} {dtype} {m}x{n}x{k}"))
-        jobs.append((Q._quantize_rows, dict(BLOCK_K=1024), {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": "*fp32"},
-                     4, 1, f"quantize_rows {dtype}"))
-        m, n, k, w, st = Q._INT8_GPU_TILE
-        jobs.append((Q._int8_gemm, dict(HAS_BIAS=True, SOFTWARE_BF16=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
-                     {"q_ptr": "*i8", "w_ptr": "*i8", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "b_ptr": f"*{dtype}",
-                      "out_ptr": f"*{dtype}"}, w, st, f"int8_gemm -> {dtype} {m}x{n}x{k}"))
+        # W8A8: int8 everywhere, e4m3 where the GPU has fp8 tensor cores (sm_89+).
+        for code in ("i8", "fp8e4nv") if target.arch >= 89 else ("i8",):
+            fp8 = code != "i8"
+            jobs.append((Q._quantize_rows, dict(FP8=fp8, BLOCK_K=1024),
+                         {"x_ptr": f"*{dtype}", "q_ptr": f"*{code}", "s_ptr": "*fp32"}, 4, 1,
+                         f"quantize_rows {dtype} -> {code}"))
+            m, n, k, w, st = Q._W8A8_GPU_TILE
+            jobs.append((Q._w8a8_gemm, dict(FP8=fp8, HAS_BIAS=True, SOFTWARE_BF16=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
+                         {"q_ptr": f"*{code}", "w_ptr": f"*{code}", "sx_ptr": "*fp32", "sw_ptr": "*fp32",
+                          "b_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}, w, st, f"{code} gemm -> {dtype} {m}x{n}x{k}"))
     for fn, consts, types, warps, stages, label in jobs:
         sig = {name: "constexpr" if name in consts else types.get(name, "i32")
                for name in inspect.signature(fn.fn).parameters}

@@ -99,45 +99,58 @@ def quantized_linear(x, qweight, scales, zeros, bias, bits: int, group_size: int
     return out
 
 
-# ---- W8A8: per-row dynamic activation quantization, int8 GEMM, int32 accumulation ----------
+# ---- W8A8 (int8 or fp8): per-row dynamic activation quantization, then the 8-bit GEMM ---------
 
 _ROUND = tl.constexpr(12582912.0)  # 1.5·2^23: (v + R) - R rounds half to even (|v| < 2^22)
 
 
 @triton.jit
-def _quantize_rows(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr):
-    """One program per row: s = max|x| / 127, q = round(x / s), as ops.quantize_activation."""
+def _quantize_rows(x_ptr, q_ptr, s_ptr, K, FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: s = max|x| / QMAX (127, or 448 for e4m3), q = round(x / s), as
+    ops.quantize_activation (int8: half to even; fp8: the hardware's round-to-nearest cast)."""
     row = tl.program_id(0)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * K + kk, mask=kk < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    s = tl.maximum(tl.max(amax, axis=0) / 127.0, 1.1754943508222875e-38)
+    qmax = 448.0 if FP8 else 127.0
+    s = tl.maximum(tl.max(amax, axis=0) / qmax, 1.1754943508222875e-38)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * K + kk, mask=kk < K, other=0.0).to(tl.float32)
-        v = (tl.math.div_rn(x, s) + _ROUND) - _ROUND  # IEEE division: the codes match the reference
-        tl.store(q_ptr + row * K + kk, tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8), mask=kk < K)
+        v = tl.math.div_rn(x, s)  # IEEE division: the codes match the reference
+        if FP8:
+            q = tl.minimum(tl.maximum(v, -448.0), 448.0).to(q_ptr.dtype.element_ty)
+        else:
+            q = tl.minimum(tl.maximum((v + _ROUND) - _ROUND, -127.0), 127.0).to(tl.int8)
+        tl.store(q_ptr + row * K + kk, q, mask=kk < K)
     tl.store(s_ptr + row, s)
 
 
 @triton.jit
-def _int8_gemm(
+def _w8a8_gemm(
     q_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, out_ptr, M, N, K,
-    HAS_BIAS: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
+    FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """out = sx · sw · (q wᵀ) + b: int8 codes accumulate exactly in int32, e4m3 in float32."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
-        a = tl.load(q_ptr + offs_m[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        b = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        if FP8:
+            a = tl.load(q_ptr + offs_m[:, None] * K + kk[None, :], mask=a_mask, other=0.0)
+            b = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=b_mask, other=0.0)
+        else:
+            a = tl.load(q_ptr + offs_m[:, None] * K + kk[None, :], mask=a_mask, other=0)
+            b = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=b_mask, other=0)
         acc = tl.dot(a, b, acc)
     sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
@@ -148,26 +161,28 @@ def _int8_gemm(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): int8 tensor-core tiles (K-steps of 128
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 8-bit tensor-core tiles (K-steps of 128
 # bytes); the interpreter takes small ones.
-_INT8_GPU_TILE = (128, 128, 128, 8, 3)
-_INT8_INTERPRETER_TILE = (16, 16, 32, 1, 1)
+_W8A8_GPU_TILE = (128, 128, 128, 8, 3)
+_W8A8_INTERPRETER_TILE = (16, 16, 32, 1, 1)
 
 
-def int8_dynamic_linear(x, qweight, scales, bias):
-    """(M, N) in x's dtype: x quantized per row to int8, then the int8 GEMM."""
+def w8a8_linear(x, qweight, scales, bias):
+    """(M, N) in x's dtype: x quantized per row to qweight's 8-bit type (int8 or e4m3), then the
+    8-bit GEMM."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[0]
-    qx = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    qx = torch.empty((m, k), device=x.device, dtype=qweight.dtype)
     sx = torch.empty((m,), device=x.device, dtype=torch.float32)
-    _quantize_rows[(m,)](x, qx, sx, k, BLOCK_K=min(1024, triton.next_power_of_2(k)) if x.is_cuda else 32)
+    _quantize_rows[(m,)](x, qx, sx, k, FP8=fp8, BLOCK_K=min(1024, triton.next_power_of_2(k)) if x.is_cuda else 32)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    bm, bn, bk, warps, stages = _INT8_GPU_TILE if x.is_cuda else _INT8_INTERPRETER_TILE
+    bm, bn, bk, warps, stages = _W8A8_GPU_TILE if x.is_cuda else _W8A8_INTERPRETER_TILE
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _int8_gemm[grid](
+    _w8a8_gemm[grid](
         qx, qweight.contiguous(), sx, scales.reshape(-1).contiguous(), bias if bias is not None else sx, out, m, n, k,
-        HAS_BIAS=bias is not None, SOFTWARE_BF16=software_bf16(),
+        FP8=fp8, HAS_BIAS=bias is not None, SOFTWARE_BF16=software_bf16(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out

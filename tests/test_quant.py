@@ -110,6 +110,44 @@ def test_w8a8_output_sqnr_and_activation_codes():
     assert torch.equal(qz, torch.zeros(2, 8, dtype=torch.int8)) and bool((sz > 0).all())
 
 
+def _fp8_reference(x, qw, bias=None):
+    qx, sx = quantize_activation(x, "fp8")
+    ref = (qx.double() @ qw.qweight.double().t()) * sx.double()[:, None] * qw.scales.double().view(-1)
+    return ref + bias.double() if bias is not None else ref
+
+
+def test_fp8_codes_emulated_reference_and_clear_error_without_fp8_hardware():
+    w, x = torch.randn(64, 256), torch.randn(5, 256)
+    qw = quantize_weight(w, "fp8")
+    assert qw.qweight.dtype == torch.float8_e4m3fn and qw.scales.shape == (64, 1)
+    assert float(qw.qweight.float().abs().amax()) == 448.0
+    assert sqnr_db(w, dequantize_weight(qw)) > 28.0  # e4m3: 3 mantissa bits
+    with fuseformer.use_backend("torch"):  # the emulated reference, for accuracy studies anywhere
+        out = quantized_linear(x, qw)
+    torch.testing.assert_close(out.double(), _fp8_reference(x, qw), rtol=1e-6, atol=1e-6)
+    assert sqnr_db(x @ w.t(), out) > 25.0
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(ValueError, match=r"fp8 scheme needs a GPU with fp8 tensor cores \(sm_89\+"):
+            quantized_linear(x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 needs a GPU with fp8 tensor cores (sm_89+)")
+@pytest.mark.parametrize("shape", [(1, 256, 96), (17, 512, 130), (300, 1024, 512)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_kernel_matches_reference(shape, dtype):
+    m, k, n = shape
+    qw = quantize_weight(_weight(n, k, "cuda"), "fp8")
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    with fuseformer.use_backend("torch"):
+        lowp = quantized_linear(x, qw, bias)
+    with fuseformer.use_backend("triton"):
+        out = quantized_linear(x, qw, bias)
+    assert_matches_reference(f"fp8 {dtype}", out, _fp8_reference(x, qw, bias), lowp)
+
+
 def test_sqnr_on_outlier_channels_and_smaller_groups():
     """Outlier input channels hurt per-channel int8 less than int4; smaller groups help int4."""
     w = _weight(512, 1024, "cpu")
@@ -230,7 +268,7 @@ def test_opcheck_int8_dynamic(backend, device):
     if backend == "cuda":
         pytest.skip("int8_dynamic runs on triton, cpu and torch")
     qw = quantize_weight(_weight(40, 64, device), "int8_dynamic")
-    op = (torch.ops.fuseformer.triton_int8_dynamic_linear if backend == "triton"
+    op = (torch.ops.fuseformer.triton_w8a8_linear if backend == "triton"
           else torch.ops.fuseformer.int8_dynamic_linear)
     x = torch.randn(3, 64, device=device, requires_grad=True)
     torch.library.opcheck(op, (x, qw.qweight, qw.scales, torch.randn(40, device=device)))

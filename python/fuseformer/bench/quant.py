@@ -1,8 +1,8 @@
 """Benchmark cases for quantized linear layers: int8 per channel and int4 g128 (zero points)
 weight-only, and W8A8 int8 with per-row dynamic activation scales, against F.linear with the float weight (cuBLAS bf16 on a GPU, float32 on the CPU) at
 decode and prefill batch sizes, Llama-3-8B shapes on a GPU (K -> N: 4096 -> 4096, 4096 ->
-14336, 14336 -> 4096, 4096 -> 128256) and smaller ones on the CPU; torchao's int8 weight-only
-and int4 layers where installed.
+14336, 14336 -> 4096, 4096 -> 128256) and smaller ones on the CPU; torchao's layers where
+installed, and torch._scaled_mm (rowwise, activation quantization included) for fp8.
 
 GB/s counts what an ideal kernel moves: the codes, scales and zero points (or the float
 weight), x and the output; decode is bound by the weight bytes. Every implementation cycles
@@ -31,7 +31,29 @@ from fuseformer.ops.quant import quantize_weight, quantized_linear
 FAMILY = "quant"
 SCHEMES = (("int8_weight_only", 128, True), ("int4_weight_only", 128, True), ("int8_dynamic", 128, True))
 _LABELS = {"int8_weight_only": "int8 weight-only", "int4_weight_only": "int4 weight-only g128",
-           "int8_dynamic": "W8A8 int8 dynamic"}
+           "int8_dynamic": "W8A8 int8 dynamic", "fp8": "fp8 rowwise (W8A8 e4m3)"}
+
+
+def _schemes(device: str):
+    has_fp8 = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    return SCHEMES + ((("fp8", 128, True),) if has_fp8 else ())
+
+
+def _scaled_mm(weight: torch.Tensor, x: torch.Tensor):
+    """torch._scaled_mm with rowwise scales, the activation quantized in the timed call (as ours)."""
+    from fuseformer.ops.quant import quantize_activation
+
+    qw = quantize_weight(weight, "fp8")
+    w_t, sw = qw.qweight.t(), qw.scales.view(1, -1)
+
+    def run():
+        qx, sx = quantize_activation(x, "fp8")
+        return torch._scaled_mm(qx, w_t, scale_a=sx.view(-1, 1), scale_b=sw, out_dtype=x.dtype)
+    try:
+        run()
+    except (RuntimeError, TypeError):
+        return None
+    return run
 
 
 def _shapes(device: str, quick: bool) -> list[tuple[int, int, int]]:
@@ -117,13 +139,13 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     for m, k, n in _shapes(device, quick):
         weight = (torch.randn(n, k, generator=gen) / k**0.5).to(device, dtype)
         x = torch.randn(m, k, generator=gen).to(device, dtype)
-        for scheme, group, zero_points in SCHEMES:
+        for scheme, group, zero_points in _schemes(device):
             qw = quantize_weight(weight, scheme, group, zero_points)
             impls = {f"fuseformer[{be}]": _ours(be, qw, x) for be in _kernel_backends(device)}
             impls["torch eager"] = _eager(weight, x)
-            torchao = _torchao(scheme, weight, x)
-            if torchao is not None:
-                impls["torchao"] = torchao
+            peer = _scaled_mm(weight, x) if scheme == "fp8" else _torchao(scheme, weight, x)
+            if peer is not None:
+                impls["torch._scaled_mm" if scheme == "fp8" else "torchao"] = peer
             label = _LABELS[scheme]
             moved = qw.nbytes() + (m * k + m * n) * elt
             yield Case(FAMILY, label, "fwd", (m, k, n), dtype, impls, bytes=moved, flops=2 * m * k * n)
@@ -159,6 +181,8 @@ def write_extra(out_dir: Path, device: str, dtype: torch.dtype, quick: bool) -> 
     rows = [{"scheme": "float", "loss": evaluate(model), "weight_MiB": None}]
     variants = [("int8_weight_only", 128, True), ("int4_weight_only", 128, True), ("int4_weight_only", 128, False),
                 ("int4_weight_only", 32, True), ("int8_dynamic", 128, True)]
+    if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
+        variants.append(("fp8", 128, True))
     for scheme, group, zero_points in variants:
         quantized = GPT(config, backend="torch").to(device)
         quantized.load_state_dict(model.state_dict())

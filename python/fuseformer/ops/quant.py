@@ -14,6 +14,9 @@ Schemes (``SCHEMES``), round-to-nearest:
   "int8_dynamic"      W8A8: the weight as int8_weight_only; each row of x quantized per call to int8
                       with s_x = max|x_row| / 127 (q = round(x / s_x), half to even), the
                       product in int8 x int8 -> int32, then scaled by s_x · s_w
+  "fp8"               W8A8 in e4m3 (rowwise): weight codes float8_e4m3fn with s_w = max|w_row| / 448,
+                      each row of x likewise per call, the product accumulated in float32 on fp8
+                      tensor cores (GPUs sm_89+; elsewhere a clear error)
   "int4_weight_only"  qweight uint8 (N, K/2), two 4-bit codes per byte along K (k even in the low
                       nibble, k odd in the high one), groups of ``group_size`` along K:
                       w = (u - z) · s; with zero points s = (max - min) / 15 and z = round(-min / s)
@@ -43,9 +46,9 @@ from fuseformer.ops import _checks
 
 Tensor = torch.Tensor
 
-SCHEMES = ("int8_weight_only", "int4_weight_only", "int8_dynamic")
+SCHEMES = ("int8_weight_only", "int4_weight_only", "int8_dynamic", "fp8")
 GROUP_SIZES = (32, 64, 128, 256)
-_BITS = {"int8_weight_only": 8, "int4_weight_only": 4, "int8_dynamic": 8}
+_BITS = {"int8_weight_only": 8, "int4_weight_only": 4, "int8_dynamic": 8, "fp8": 8}
 # Rounding to the nearest integer, half to even, by the float32 magic number 1.5·2^23 (exact
 # for |v| < 2^22): what every backend's activation quantizer does, so their codes agree.
 _ROUND = 12582912.0
@@ -87,6 +90,10 @@ def quantize_weight(weight: Tensor, scheme: str, group_size: int = 128, zero_poi
                          f"{list(weight.shape)}")
     n, k = weight.shape
     w = weight.detach().float()
+    if scheme == "fp8":
+        scales = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(torch.finfo(torch.float32).tiny)
+        q = (w / scales).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return QuantizedWeight(q, scales, None, scheme, k, (n, k))
     if scheme in ("int8_weight_only", "int8_dynamic"):
         scales = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round(w / scales).clamp_(-127, 127).to(torch.int8)
@@ -126,13 +133,19 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return w.view(n, k).to(dtype)
 
 
-def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row symmetric int8: codes (M, K) and float32 scales (M,), s = max|x_row| / 127 (a zero
-    row gets the smallest normal scale and zero codes). The reference of the kernels' quantizers."""
+def quantize_activation(x: Tensor, kind: str = "int8") -> tuple[Tensor, Tensor]:
+    """Per-row symmetric 8-bit codes (M, K) and float32 scales (M,): int8 with s = max|x_row| /
+    127 (half to even), or "fp8" (e4m3) with s = max|x_row| / 448 (round to nearest). A zero row
+    gets the smallest normal scale and zero codes. The reference of the kernels' quantizers."""
+    if kind not in ("int8", "fp8"):
+        raise ValueError(f"fuseformer.ops.quantize_activation: kind must be 'int8' or 'fp8', got {kind!r}")
     xf = x.float()
-    scales = (xf.abs().amax(dim=-1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = ((xf / scales[..., None]) + _ROUND) - _ROUND
-    return codes.clamp_(-127, 127).to(torch.int8), scales
+    qmax = 448.0 if kind == "fp8" else 127.0
+    scales = (xf.abs().amax(dim=-1) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    v = xf / scales[..., None]
+    if kind == "fp8":
+        return v.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), scales
+    return (((v + _ROUND) - _ROUND).clamp_(-127, 127)).to(torch.int8), scales
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
@@ -181,11 +194,11 @@ if _extension.loaded():
     torch.library.register_autograd("fuseformer::quantized_linear", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fuseformer::triton_int8_dynamic_linear", mutates_args=())
-def _triton_int8_dynamic_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+@torch.library.custom_op("fuseformer::triton_w8a8_linear", mutates_args=())
+def _triton_w8a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     from fuseformer.kernels import quant as triton_quant
 
-    return triton_quant.int8_dynamic_linear(x, qweight, scales, bias)
+    return triton_quant.w8a8_linear(x, qweight, scales, bias)
 
 
 def _int8_dynamic_fake(x, qweight, scales, bias):
@@ -207,23 +220,37 @@ def _dynamic_backward(ctx, grad_out):
     return grad_out @ w, None, None, grad_bias
 
 
-torch.library.register_fake("fuseformer::triton_int8_dynamic_linear")(_int8_dynamic_fake)
-torch.library.register_autograd("fuseformer::triton_int8_dynamic_linear", _dynamic_backward,
-                                setup_context=_dynamic_setup_context)
+torch.library.register_fake("fuseformer::triton_w8a8_linear")(_int8_dynamic_fake)
+torch.library.register_autograd("fuseformer::triton_w8a8_linear", _dynamic_backward, setup_context=_dynamic_setup_context)
 if _extension.loaded():
     torch.library.register_fake("fuseformer::int8_dynamic_linear")(_int8_dynamic_fake)
     torch.library.register_autograd("fuseformer::int8_dynamic_linear", _dynamic_backward,
                                     setup_context=_dynamic_setup_context)
 
 
-def _torch_int8_dynamic(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> Tensor:
-    """The reference: the same activation codes, the int32 product exact (float64 holds it)."""
-    qx, sx = quantize_activation(x)
+def _torch_w8a8(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> Tensor:
+    """The reference: the same activation codes, the product exact (float64 holds every int8
+    or e4m3 product sum)."""
+    qx, sx = quantize_activation(x, "fp8" if qw.scheme == "fp8" else "int8")
     acc = qx.double() @ qw.qweight.double().t()
     out = acc * sx.double()[..., None] * qw.scales.double().view(-1)
     if bias is not None:
         out = out + bias.double()
     return out.to(x.dtype)
+
+
+def _fp8_backend(backend: str, device: torch.device, op: str) -> str:
+    """fp8 runs on GPUs with fp8 tensor cores (sm_89+) through Triton; elsewhere only the
+    emulated reference, and only when the "torch" backend is forced (for accuracy studies)."""
+    if backend == "torch" and backends.forced_backend() == "torch":
+        return backend
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        if backend == "cpu" or (backend == "cuda" and backends.forced_backend() is None):
+            return "triton"
+        return backend
+    where = f"sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else "a CPU"
+    raise ValueError(f"{op}: the fp8 scheme needs a GPU with fp8 tensor cores (sm_89+: Ada, Hopper), not {where}; "
+                     'use int8_dynamic there, or fuseformer.use_backend("torch") for the emulated reference')
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -256,15 +283,17 @@ def quantized_linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None)
             raise TypeError(f'{op}: the {backend!r} backend takes float32, float16 or bfloat16 x, got float64 '
                             '(float64 runs on the "torch" backend)')
         backend = "torch"
-    if qw.scheme == "int8_dynamic":
+    if qw.scheme == "fp8":
+        backend = _fp8_backend(backend, x.device, op)
+    if qw.scheme in ("int8_dynamic", "fp8"):
         if backend == "cuda":
             if backends.forced_backend() is not None:
-                raise ValueError(f'{op}: the "cuda" backend has no int8_dynamic kernel (it runs on "triton", "cpu" '
-                                 'and "torch")')
+                runs = '"triton" and "torch"' if qw.scheme == "fp8" else '"triton", "cpu" and "torch"'
+                raise ValueError(f'{op}: the "cuda" backend has no {qw.scheme} kernel (it runs on {runs})')
             backend = "triton"
         if backend == "torch":
-            return _torch_int8_dynamic(x, qw, bias)
-        fwd = (torch.ops.fuseformer.triton_int8_dynamic_linear if backend == "triton"
+            return _torch_w8a8(x, qw, bias)
+        fwd = (torch.ops.fuseformer.triton_w8a8_linear if backend == "triton"
                else torch.ops.fuseformer.int8_dynamic_linear)
         return fwd(x.reshape(-1, k), qw.qweight, qw.scales, bias).view(*x.shape[:-1], n)
     if backend == "torch":
