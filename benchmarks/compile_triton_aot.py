@@ -189,6 +189,19 @@ def compile_decode(target) -> bool:
     return ok
 
 
+def _compile_one(fn, sig: dict, consts: dict, target, options: dict, label: str) -> bool:
+    """Compile one kernel for ``target``; print ok (time, shared memory) or FAIL (the error)."""
+    start = time.time()
+    try:
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=options)
+    except Exception as exc:  # noqa: BLE001 - report every failure
+        print(f"FAIL  sm_{target.arch} {fn.fn.__name__} {label}: {type(exc).__name__}: {str(exc)[:300]}")
+        return False
+    print(f"ok    sm_{target.arch} {fn.fn.__name__} {label}: {time.time() - start:5.1f} s, "
+          f"shared {kernel.metadata.shared} B")
+    return True
+
+
 def compile_conv(target) -> bool:
     """The implicit-GEMM convolution (kernels/conv.py): fp16/bf16 with its GPU tile, fp32 with the
     full-precision one; bias, residual and the saved derivative on."""
@@ -199,15 +212,8 @@ def compile_conv(target) -> bool:
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
         sig = {name: "constexpr" if name in consts else (f"*{dtype}" if name.endswith("_ptr") else "i32")
                for name in inspect.signature(CV._conv_fwd.fn).parameters}
-        start = time.time()
-        try:
-            kernel = triton.compile(ASTSource(CV._conv_fwd, sig, constexprs=consts), target=target,
-                                    options={"num_warps": w, "num_stages": st})
-            print(f"ok    sm_{target.arch} conv fwd {dtype} {(m, n, k, w, st)}: {time.time() - start:5.1f} s, "
-                  f"shared {kernel.metadata.shared} B")
-        except Exception as exc:  # noqa: BLE001
-            print(f"FAIL  sm_{target.arch} conv fwd {dtype}: {type(exc).__name__}: {str(exc)[:300]}")
-            ok = False
+        ok &= _compile_one(CV._conv_fwd, sig, consts, target, {"num_warps": w, "num_stages": st},
+                           f"{dtype} {(m, n, k, w, st)}")
     return ok
 
 
@@ -230,16 +236,8 @@ def compile_lstm(target) -> bool:
             sig = {name: "constexpr" if name in consts else
                    ("*fp32" if name in _LSTM_FP32 else f"*{dtype}") if name.endswith("_ptr") else "i32"
                    for name in inspect.signature(fn.fn).parameters}
-            name = fn.fn.__name__
-            start = time.time()
-            try:
-                kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                                        options={"num_warps": warps})
-                print(f"ok    sm_{target.arch} {name} {dtype} {consts.get('BLOCK_B')}x{consts.get('BLOCK_H')}: "
-                      f"{time.time() - start:5.1f} s, shared {kernel.metadata.shared} B")
-            except Exception as exc:  # noqa: BLE001
-                print(f"FAIL  sm_{target.arch} {name} {dtype}: {type(exc).__name__}: {str(exc)[:300]}")
-                ok = False
+            ok &= _compile_one(fn, sig, consts, target, {"num_warps": warps},
+                               f"{dtype} {consts.get('BLOCK_B')}x{consts.get('BLOCK_H')}")
     return ok
 
 
@@ -271,15 +269,7 @@ def compile_quant(target) -> bool:
     for fn, consts, types, warps, stages, label in jobs:
         sig = {name: "constexpr" if name in consts else types.get(name, "i32")
                for name in inspect.signature(fn.fn).parameters}
-        start = time.time()
-        try:
-            kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                                    options={"num_warps": warps, "num_stages": stages})
-            print(f"ok    sm_{target.arch} {fn.fn.__name__} {label}: {time.time() - start:5.1f} s, "
-                  f"shared {kernel.metadata.shared} B")
-        except Exception as exc:  # noqa: BLE001
-            print(f"FAIL  sm_{target.arch} {fn.fn.__name__} {label}: {type(exc).__name__}: {str(exc)[:300]}")
-            ok = False
+        ok &= _compile_one(fn, sig, consts, target, {"num_warps": warps, "num_stages": stages}, label)
     return ok
 
 
