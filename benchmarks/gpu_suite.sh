@@ -8,7 +8,7 @@
 # under 10 minutes and can be run alone; "test:<name>" runs tests/test_<name>.py alone (when
 # the whole suite's first-time Triton compiles would not fit one call), "bench" runs every
 # benchmark family, each under its own 10-minute limit, and "bench:<family>" (bench:norms,
-# bench:attention, bench:linear, bench:mlp, bench:conv, bench:lstm, bench:models) one of them. Results go to DIR (default
+# bench:attention, bench:linear, bench:mlp, bench:conv, bench:lstm, bench:quant, bench:models) one of them. Results go to DIR (default
 # benchmarks/results/<gpu-name>/): build.log, info.txt, tests[-<name>].log, per benchmark family
 # <family>.json / .md / .png, and report.md / report.html / roofline.png over all of them.
 # Commit them with the versions they record, then regenerate the README's table:

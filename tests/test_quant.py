@@ -233,6 +233,16 @@ def test_quantize_skips_what_does_not_fit_the_group():
     assert model.fuseformer_quantize_report.converted == ["down"]
 
 
+def test_quantize_skips_linears_a_fused_parent_reads():
+    model = torch.nn.Sequential(fuseformer.nn.GatedMLP(64, 128), torch.nn.Linear(64, 32))
+    fuseformer.quantize(model, "int8_weight_only")
+    report = model.fuseformer_quantize_report
+    assert report.converted == ["1"]
+    assert {path for path, _, _ in report.skipped} == {"0.gate_proj", "0.up_proj", "0.down_proj"}
+    assert all("GatedMLP passes the weight to a fused kernel" in why for _, _, why in report.skipped)
+    model(torch.randn(3, 64))
+
+
 def test_quantize_transformers_gpt2_conv1d():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -7,8 +7,9 @@ Converts every ``torch.nn.Linear`` (exactly that class) to ``fuseformer.nn.Quant
 and transformers' ``Conv1D`` (GPT-2's linear layers, weight stored (in, out)). Leaves alone,
 and says so: modules whose path matches a pattern of ``skip`` (fnmatch, e.g. "lm_head",
 "*.attn.*"), layers whose weight is shared with another module (tied embeddings: quantizing
-one would untie them), in_features not divisible by the group size (int4), and Linear
-subclasses with their own forward. The report (``model.fuseformer_quantize_report``, a
+one would untie them), in_features not divisible by the group size (int4), Linear subclasses
+with their own forward, and layers whose parent hands their weight to a fused kernel
+(fuseformer.nn.GatedMLP, modules fused by fuseformer.accelerate). The report (``model.fuseformer_quantize_report``, a
 QuantizeReport) lists both, with the bytes of the converted weights before and after.
 """
 
@@ -73,6 +74,15 @@ def quantize(model: torch.nn.Module, scheme: str, *, group_size: int = 128, zero
         if any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns):
             report.skipped.append((path, cls, "matches skip"))
             continue
+        parent_path = path.rpartition(".")[0]
+        parent = model.get_submodule(parent_path) if parent_path else None
+        if parent is not None and (getattr(type(parent), "_fuseformer", None) or
+                                   type(parent).__module__.startswith("fuseformer.nn")):
+            # fuseformer.nn.GatedMLP and modules fused by accelerate pass the weight to a fused
+            # kernel themselves; a QuantizedLinear has none to pass.
+            report.skipped.append((path, cls, f"its parent {type(parent).__name__} passes the weight to a fused "
+                                              "kernel (quantize before fuseformer.accelerate)"))
+            continue
         shared = [o for o in owners.get(id(module.weight), []) if not o.startswith(f"{path}.") and o != "weight"]
         if shared:
             report.skipped.append((path, cls, f"weight tied to {', '.join(shared)}"))
@@ -85,8 +95,7 @@ def quantize(model: torch.nn.Module, scheme: str, *, group_size: int = 128, zero
         linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         linear.bias = module.bias
         new = QuantizedLinear.from_float(linear, scheme, group_size, zero_points)
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+        setattr(parent if parent is not None else model, path.rpartition(".")[2], new)
         report.converted.append(path)
         report.bytes_before += weight.numel() * weight.element_size()
         report.bytes_after += new.memory_footprint() - (new.bias.numel() * new.bias.element_size()
