@@ -113,7 +113,7 @@ inline Prev previous(const Steps& s, int64_t position) {
 // x Wᵀ (+ addend or + bias) with ATen's GEMM (cuBLAS on the GPU).
 class AtenLinear {
  public:
-  AtenLinear(const at::Tensor& weight, int64_t /*rows*/) : weight_(weight) {}
+  AtenLinear(const at::Tensor& weight, int64_t /*rows*/, bool /*cached*/ = false) : weight_(weight) {}
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& addend = std::nullopt,
                         const std::optional<at::Tensor>& bias = std::nullopt) const {
     if (addend) return at::addmm(*addend, x, weight_.t());
@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   const Steps s = check_layer_args(op, x_in.size(0), w_ih.size(0), x_in.scalar_type(), x_in.device(), batch_sizes,
                                    padded, h0_in, c0_in, w_hh, w_hr, reverse);
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
-  const at::Tensor x_proj = typename Device::Linear(w_ih, x.size(0))(x, std::nullopt, bias);
+  const at::Tensor x_proj = typename Device::Linear(w_ih, x.size(0), /*cached=*/true)(x, std::nullopt, bias);
   const at::Tensor c0 = c0_in.to(at::kFloat).contiguous();
   const auto f32 = x_proj.options().dtype(at::kFloat);
   const int64_t rows = x_proj.size(0), H = s.hidden, P = s.proj;
@@ -166,9 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   at::Tensor cells = save ? saves({rows, H}) : at::empty({2, s.batch, H}, f32);
   at::Tensor gates = save ? saves({rows, 4 * H}) : at::empty({0}, f32);
   at::Tensor h_raw = w_hr ? at::empty({s.batch, H}, x_proj.options()) : at::Tensor();
-  const typename Device::Linear recurrent(w_hh, s.batch);
+  const typename Device::Linear recurrent(w_hh, s.batch, /*cached=*/true);
   std::optional<typename Device::Linear> projection;
-  if (w_hr) projection.emplace(*w_hr, s.batch);
+  if (w_hr) projection.emplace(*w_hr, s.batch, /*cached=*/true);
   for (int64_t position = 0; position < s.steps(); ++position) {
     const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
     if (n == 0) continue;  // padded steps past every length

@@ -12,6 +12,8 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <list>
+#include <mutex>
 #include <optional>
 
 namespace fuseformer::cpu {
@@ -21,13 +23,13 @@ class PackedLinear {
   // From this many rows per GEMM oneDNN wins (measured crossover between batch 1 and 8).
   static constexpr int64_t kMinRows = 8;
 
-  // weight (N, K), any strides; rows: the usual number of rows of x.
-  PackedLinear(const at::Tensor& weight, int64_t rows) : weight_(weight) {
+  // weight (N, K), any strides; rows: the usual number of rows of x. cached: keep the packed
+  // weight across calls (keyed by the weight's identity and version counter, so an in-place
+  // update such as an optimizer step repacks it); for weights that persist (parameters).
+  PackedLinear(const at::Tensor& weight, int64_t rows, bool cached = false) : weight_(weight) {
     const Ops& ops = dnnl_ops();
     if (ops.ok && rows >= kMinRows && weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn()) {
-      torch::jit::Stack stack{weight.contiguous(), c10::IValue(rows)};
-      ops.reorder->callBoxed(&stack);
-      packed_ = stack[0].toTensor();
+      packed_ = cached && !weight.is_view() ? cached_pack(weight, rows) : pack(weight, rows);
     }
   }
 
@@ -69,6 +71,57 @@ class PackedLinear {
       return o;
     }();
     return ops;
+  }
+
+  static at::Tensor pack(const at::Tensor& weight, int64_t rows) {
+    torch::jit::Stack stack{weight.contiguous(), c10::IValue(rows)};
+    dnnl_ops().reorder->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
+  // A small LRU of packed weights. Entries hold the weight weakly (a freed weight's entry
+  // dies with it) and are matched by TensorImpl, version and a class of the row count (the
+  // packed format oneDNN picks depends on it); the bytes held are bounded.
+  static at::Tensor cached_pack(const at::Tensor& weight, int64_t rows) {
+    struct Entry {
+      c10::weak_intrusive_ptr<c10::TensorImpl> weight;
+      const c10::TensorImpl* impl;
+      uint32_t version;
+      int64_t rows_class;
+      at::Tensor packed;
+    };
+    static std::mutex mutex;
+    static std::list<Entry> entries;
+    constexpr size_t kMaxEntries = 256;
+    constexpr int64_t kMaxBytes = int64_t{2} << 30;
+    const int64_t rows_class = rows >= 64 ? 64 : (rows >= 16 ? 16 : kMinRows);
+    const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+    const uint32_t version = impl->version_counter().current_version();
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      for (auto it = entries.begin(); it != entries.end(); ++it) {
+        if (it->impl == impl && it->version == version && it->rows_class == rows_class && !it->weight.expired()) {
+          entries.splice(entries.begin(), entries, it);
+          return entries.front().packed;
+        }
+      }
+    }
+    at::Tensor packed = pack(weight, rows_class);
+    std::lock_guard<std::mutex> lock(mutex);
+    entries.remove_if([](const Entry& e) { return e.weight.expired(); });
+    entries.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), impl, version, rows_class,
+                        packed});
+    int64_t bytes = 0;
+    size_t kept = 0;
+    for (auto it = entries.begin(); it != entries.end();) {
+      bytes += it->packed.nbytes();
+      if (++kept > kMaxEntries || (kept > 1 && bytes > kMaxBytes)) {
+        it = entries.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return packed;
   }
 
   at::Tensor weight_, packed_;

@@ -22,6 +22,7 @@
 
 #include "linear.h"
 #include "activation.h"
+#include "gemm.h"
 #include "vectorize.h"
 
 namespace fuseformer::cpu {
@@ -194,26 +195,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& 
   const bool gated = weight_up.has_value();
   // Outputs never alias one another (custom-op rule): a fresh empty tensor for each absent one.
   auto empty = [&] { return at::empty({0}, x.options()); };
+  // The GEMMs: float32 through oneDNN with the weight packed once and kept across calls
+  // (csrc/cpu/gemm.h: 2-3x ATen's MKL on the AMD CPUs of our machines); other dtypes ATen.
+  const int64_t rows = x.size(0);
   if (!gated && act == Activation::kNone) {
-    // Nothing to fuse: addmm already folds the bias into the GEMM.
-    return {bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t()), empty(), empty()};
+    // Nothing to fuse: the bias goes into the GEMM.
+    return {PackedLinear(weight, rows, /*cached=*/true)(x, std::nullopt, bias), empty(), empty()};
   }
   // Half dtypes: the biases go into the GEMM (added to the float accumulator, rounded once, as
   // F.linear does), so ReLU-like activations see the sign PyTorch sees; adding them to the
   // rounded product would flip the activation of pre-activations within a rounding of zero.
   // Float32: the epilogue adds them (addmm would first copy the bias into every row).
   const bool half = x.scalar_type() != at::kFloat;
-  auto project = [&](const at::Tensor& w, const std::optional<at::Tensor>& b, at::Tensor* into) {
-    const bool with_bias = half && b.has_value();
-    if (into) return with_bias ? at::addmm_out(*into, *b, x, w.t()) : at::mm_out(*into, x, w.t());
-    return with_bias ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+  auto project = [&](const at::Tensor& w, const std::optional<at::Tensor>& b) {
+    return PackedLinear(w, rows, /*cached=*/true)(x, std::nullopt, half ? b : std::nullopt);
   };
-  at::Tensor out = project(weight, bias, nullptr);
-  at::Tensor saved = save ? at::empty_like(out) : at::Tensor();
-  at::Tensor saved2 = save && gated ? at::empty_like(out) : at::Tensor();
-  // Gated: the up projection lands in `saved` when that is kept; the epilogue reads each
+  at::Tensor out = project(weight, bias);
+  // Gated: the up projection doubles as `saved` when that is kept; the epilogue reads each
   // element before it overwrites it with act(zg).
-  at::Tensor up = gated ? project(*weight_up, bias_up, save ? &saved : nullptr) : at::Tensor();
+  at::Tensor up = gated ? project(*weight_up, bias_up) : at::Tensor();
+  at::Tensor saved = save ? (gated ? up : at::empty_like(out)) : at::Tensor();
+  at::Tensor saved2 = save && gated ? at::empty_like(out) : at::Tensor();
   // Float biases for the epilogue; a gated layer with one bias gets zeros for the other.
   at::Tensor b, bu;
   if (!half && (bias || bias_up)) {

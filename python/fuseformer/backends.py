@@ -47,11 +47,12 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "attention_decode": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # GEMM + bias + activation, plain and gated (linear_act, gated_linear). CUDA: the Triton
     # GEMM with the fused epilogue, then cuBLASLt with its epilogues (neither measured on a
-    # GPU yet: benchmarks/gpu_suite.sh bench:linear decides). CPU
-    # (benchmarks/results/cpu/linear.md, mlp.md): the GEMM is ~95% of the time and the fused
-    # epilogue measured 0.88-1.09x eager, below it in most rows, so eager stays the CPU default
-    # (the "cpu" kernels run when forced).
-    "linear": {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)},
+    # GPU yet: benchmarks/gpu_suite.sh bench:linear decides); a plain projection (activation
+    # "none") has nothing to fuse and takes cuBLAS (ops/linear.py). CPU
+    # (benchmarks/results/cpu/linear.md, mlp.md): the C++ kernels' GEMM is oneDNN's with the
+    # weight packed once and kept (csrc/cpu/gemm.h): linear_act 2.2-3.6x eager forward,
+    # 1.16-1.38x forward+backward; MLP 1.09-1.39x, GatedMLP 1.16-1.67x.
+    "linear": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Convolution + bias (+ residual) + activation: the Triton implicit GEMM on CUDA (not yet
     # measured on a GPU). CPU (benchmarks/results/cpu/conv.md): the C++ epilogue after ATen's
     # convolution measured 0.89-1.00x eager forward, 0.65-1.05x forward+backward: eager stays

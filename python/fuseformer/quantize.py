@@ -43,8 +43,8 @@ class QuantizeReport:
 
 def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
     """The (out, in) weight of a convertible layer, or None."""
-    if type(module) is torch.nn.Linear:
-        return module.weight
+    if type(module) is torch.nn.Linear or (type(module).__name__ == "LinearAct" and module.activation == "none"):
+        return module.weight  # (a LinearAct without activation is a plain projection)
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
         return module.weight.t()  # transformers' Conv1D: y = x W + b with W (in, out)
     return None

@@ -49,7 +49,8 @@ def _add_norm(norm: torch.nn.LayerNorm, delta: Tensor, residual: Tensor, backend
 
 
 def _linear_act(in_features: int, out_features: int, bias: bool, activation: str, backend: str) -> torch.nn.Linear:
-    """A Linear whose output goes through ``activation``: fused on fuseformer (same parameters)."""
+    """A Linear whose output goes through ``activation`` ("none": a plain projection): on
+    fuseformer the GEMM kernels with the activation fused (same parameters and keys)."""
     if backend == "fuseformer":
         return fuseformer.nn.LinearAct(in_features, out_features, bias, activation=activation)
     return torch.nn.Linear(in_features, out_features, bias)
@@ -103,8 +104,8 @@ class CausalSelfAttention(torch.nn.Module):
         super().__init__()
         self.backend = backend
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = torch.nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = torch.nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = _linear_act(config.n_embd, 3 * config.n_embd, config.bias, "none", backend)
+        self.c_proj = _linear_act(config.n_embd, config.n_embd, config.bias, "none", backend)
         self.resid_dropout = torch.nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
@@ -140,7 +141,7 @@ class GPTMLP(torch.nn.Module):
     def __init__(self, config: GPTConfig, backend: str) -> None:
         super().__init__()
         self.c_fc = _linear_act(config.n_embd, 4 * config.n_embd, config.bias, "gelu_tanh", backend)
-        self.c_proj = torch.nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = _linear_act(4 * config.n_embd, config.n_embd, config.bias, "none", backend)
         self.dropout = torch.nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -287,11 +288,11 @@ class BERTLayer(torch.nn.Module):
         h = config.hidden_size
         self.heads = config.num_attention_heads
         self.attn_dropout = config.attention_probs_dropout_prob
-        self.qkv = torch.nn.Linear(h, 3 * h)
-        self.attn_out = torch.nn.Linear(h, h)
+        self.qkv = _linear_act(h, 3 * h, True, "none", backend)
+        self.attn_out = _linear_act(h, h, True, "none", backend)
         self.attn_norm = _layer_norm(h, True, config.layer_norm_eps, backend)
         self.fc1 = _linear_act(h, config.intermediate_size, True, "gelu", backend)
-        self.fc2 = torch.nn.Linear(config.intermediate_size, h)
+        self.fc2 = _linear_act(config.intermediate_size, h, True, "none", backend)
         self.out_norm = _layer_norm(h, True, config.layer_norm_eps, backend)
         self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
 

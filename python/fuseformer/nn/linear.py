@@ -57,7 +57,7 @@ class MLP(torch.nn.Module):
         self.fc2 = torch.nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x))
+        return linear_ops.linear_act(self.fc1(x), self.fc2.weight, self.fc2.bias, "none")
 
 
 class GatedMLP(torch.nn.Module):
@@ -76,7 +76,7 @@ class GatedMLP(torch.nn.Module):
         hidden = linear_ops.gated_linear(
             x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias, self.activation
         )
-        return self.down_proj(hidden)
+        return linear_ops.linear_act(hidden, self.down_proj.weight, self.down_proj.bias, "none")
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -245,6 +245,9 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
         _check_args(op, x, weights, biases)
 
     backend = backends.resolve("linear", x.device)
+    if (activation == "none" and weight_up is None and x.device.type == "cuda" and backend != "torch"
+            and backends.forced_backend() is None):
+        backend = "torch"  # nothing to fuse: cuBLAS (backends.DEFAULTS)
     if backend != "torch" and x.dtype == torch.float64:
         if backends.forced_backend() is not None:
             raise TypeError(
