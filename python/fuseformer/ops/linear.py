@@ -39,16 +39,19 @@ Tensor = torch.Tensor
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "relu2")
 
 
+_ACTIVATION_FNS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+    "relu2": lambda z: torch.square(F.relu(z)),
+}
+
+
 def activation_fn(name: str):
     """The PyTorch function of an activation name (the reference)."""
-    return {
-        "none": lambda z: z,
-        "relu": F.relu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-        "silu": F.silu,
-        "relu2": lambda z: torch.square(F.relu(z)),
-    }[name]
+    return _ACTIVATION_FNS[name]
 
 
 # ---- the Triton backend as custom ops ---------------------------------------------------
@@ -216,6 +219,12 @@ def _autocast(tensors: list[Tensor | None], device: torch.device) -> list[Tensor
     return tensors
 
 
+# Below this many rows the C++ CPU kernels' GEMM is ATen's too (oneDNN's packed GEMM pays off
+# from 8 rows, csrc/cpu/gemm.h) and PyTorch's own call costs less host time: GPT decode on the
+# CPU measured 0.66x with the kernels at one row per call.
+CPU_KERNEL_MIN_ROWS = 8
+
+
 def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
     """The common case in a few comparisons (host time per call matters at decode); anything
     else goes through _check_args, which explains what is wrong or accepts it."""
@@ -245,9 +254,11 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
         _check_args(op, x, weights, biases)
 
     backend = backends.resolve("linear", x.device)
-    if (activation == "none" and weight_up is None and x.device.type == "cuda" and backend != "torch"
-            and backends.forced_backend() is None):
-        backend = "torch"  # nothing to fuse: cuBLAS (backends.DEFAULTS)
+    if backend != "torch" and backends.forced_backend() is None:
+        if activation == "none" and weight_up is None and x.device.type == "cuda":
+            backend = "torch"  # nothing to fuse: cuBLAS (backends.DEFAULTS)
+        elif backend == "cpu" and x.numel() < CPU_KERNEL_MIN_ROWS * x.shape[-1]:
+            backend = "torch"  # decode-sized: the same ATen GEMM either way, and less host time
     if backend != "torch" and x.dtype == torch.float64:
         if backends.forced_backend() is not None:
             raise TypeError(
@@ -270,7 +281,9 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
 
 def _torch_linear(x, weight, weight_up, bias, bias_up, activation):
     """The "torch" backend: PyTorch's own ops (also the reference the tests use)."""
-    act = activation_fn(activation)(F.linear(x, weight, bias))
+    if activation == "none" and weight_up is None:
+        return F.linear(x, weight, bias)
+    act = _ACTIVATION_FNS[activation](F.linear(x, weight, bias))
     return act if weight_up is None else act * F.linear(x, weight_up, bias_up)
 
 
