@@ -114,6 +114,10 @@ inline Prev previous(const Steps& s, int64_t position) {
 class AtenLinear {
  public:
   AtenLinear(const at::Tensor& weight, int64_t /*rows*/, bool /*cached*/ = false) : weight_(weight) {}
+  // x · weight (backward GEMMs).
+  static AtenLinear transposed(const at::Tensor& weight, int64_t rows, bool cached = false) {
+    return AtenLinear(weight.t(), rows, cached);
+  }
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& addend = std::nullopt,
                         const std::optional<at::Tensor>& bias = std::nullopt) const {
     if (addend) return at::addmm(*addend, x, weight_.t());
@@ -255,9 +259,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     h_raw_all = s.has_padding() ? at::zeros({rows, H}, opts) : at::empty({rows, H}, opts);
   }
   // dh_prev = dgates W_hh and, with a projection, dh_raw = dh W_hr: x Wᵀ for W = W_hhᵀ, W_hrᵀ.
-  const typename Device::Linear recurrent_t(w_hh.t(), s.batch);
+  const auto recurrent_t = Device::Linear::transposed(w_hh, s.batch, /*cached=*/true);
   std::optional<typename Device::Linear> projection_t;
-  if (w_hr) projection_t.emplace(w_hr->t(), s.batch);
+  if (w_hr) projection_t.emplace(Device::Linear::transposed(*w_hr, s.batch, /*cached=*/true));
   for (int64_t position = s.steps() - 1; position >= 0; --position) {
     const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
     if (n == 0) continue;
@@ -287,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dh_run.narrow(0, 0, n).copy_(recurrent_t(cell.dgates));
   }
   // The input and weight gradients, one GEMM each over every step's rows.
-  at::Tensor grad_x = needs_input_grad ? typename Device::Linear(w_ih.t(), rows)(dgates) : at::empty({0}, opts);
+  at::Tensor grad_x =
+      needs_input_grad ? Device::Linear::transposed(w_ih, rows, /*cached=*/true)(dgates) : at::empty({0}, opts);
   at::Tensor grad_w_ih = at::mm(dgates.t(), x);
   at::Tensor grad_bias = has_bias ? dgates.sum(0, false, at::kFloat).to(dtype) : at::empty({0}, opts);
   at::Tensor grad_w_hh = at::mm(dgates.t(), h_prev);

@@ -27,10 +27,17 @@ class PackedLinear {
   // weight across calls (keyed by the weight's identity and version counter, so an in-place
   // update such as an optimizer step repacks it); for weights that persist (parameters).
   PackedLinear(const at::Tensor& weight, int64_t rows, bool cached = false) : weight_(weight) {
-    const Ops& ops = dnnl_ops();
-    if (ops.ok && rows >= kMinRows && weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn()) {
-      packed_ = cached && !weight.is_view() ? cached_pack(weight, rows) : pack(weight, rows);
+    if (usable(weight, rows)) packed_ = cached && !weight.is_view() ? cached_pack(weight, rows, false) : pack(weight, rows);
+  }
+
+  // x · weight instead of x · weightᵀ (backward GEMMs: dX = dZ · W), with weightᵀ packed (and
+  // cached like the forward's, under the same weight's identity).
+  static PackedLinear transposed(const at::Tensor& weight, int64_t rows, bool cached = false) {
+    PackedLinear linear(weight.t(), rows, false, /*pack_now=*/false);
+    if (usable(weight, rows)) {
+      linear.packed_ = cached && !weight.is_view() ? cached_pack(weight, rows, true) : pack(weight.t(), rows);
     }
+    return linear;
   }
 
   // addend (M, N) + x (M, K) Wᵀ, or x Wᵀ (+ bias (N,)) without an addend.
@@ -73,6 +80,13 @@ class PackedLinear {
     return ops;
   }
 
+  PackedLinear(const at::Tensor& weight, int64_t /*rows*/, bool /*cached*/, bool /*pack_now*/) : weight_(weight) {}
+
+  static bool usable(const at::Tensor& weight, int64_t rows) {
+    return dnnl_ops().ok && rows >= kMinRows && weight.scalar_type() == at::kFloat &&
+           at::globalContext().userEnabledMkldnn();
+  }
+
   static at::Tensor pack(const at::Tensor& weight, int64_t rows) {
     torch::jit::Stack stack{weight.contiguous(), c10::IValue(rows)};
     dnnl_ops().reorder->callBoxed(&stack);
@@ -82,12 +96,13 @@ class PackedLinear {
   // A small LRU of packed weights. Entries hold the weight weakly (a freed weight's entry
   // dies with it) and are matched by TensorImpl, version and a class of the row count (the
   // packed format oneDNN picks depends on it); the bytes held are bounded.
-  static at::Tensor cached_pack(const at::Tensor& weight, int64_t rows) {
+  static at::Tensor cached_pack(const at::Tensor& weight, int64_t rows, bool transposed) {
     struct Entry {
       c10::weak_intrusive_ptr<c10::TensorImpl> weight;
       const c10::TensorImpl* impl;
       uint32_t version;
       int64_t rows_class;
+      bool transposed;
       at::Tensor packed;
     };
     static std::mutex mutex;
@@ -100,17 +115,18 @@ class PackedLinear {
     {
       std::lock_guard<std::mutex> lock(mutex);
       for (auto it = entries.begin(); it != entries.end(); ++it) {
-        if (it->impl == impl && it->version == version && it->rows_class == rows_class && !it->weight.expired()) {
+        if (it->impl == impl && it->version == version && it->rows_class == rows_class &&
+            it->transposed == transposed && !it->weight.expired()) {
           entries.splice(entries.begin(), entries, it);
           return entries.front().packed;
         }
       }
     }
-    at::Tensor packed = pack(weight, rows_class);
+    at::Tensor packed = pack(transposed ? weight.t() : weight, rows_class);
     std::lock_guard<std::mutex> lock(mutex);
     entries.remove_if([](const Entry& e) { return e.weight.expired(); });
     entries.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), impl, version, rows_class,
-                        packed});
+                        transposed, packed});
     int64_t bytes = 0;
     size_t kept = 0;
     for (auto it = entries.begin(); it != entries.end();) {

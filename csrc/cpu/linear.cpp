@@ -320,8 +320,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
 
   at::Tensor grad_x = empty();
   if (needs_input_grad) {
-    grad_x = at::mm(dzs[0], weight);
-    if (gated) grad_x.addmm_(dzs[1], *weight_up);
+    // dX = dZ W through oneDNN with Wᵀ packed once per weight version (a training step packs
+    // each weight twice: W for the forward, Wᵀ here).
+    grad_x = PackedLinear::transposed(weight, d.m, /*cached=*/true)(dzs[0]);
+    if (gated) grad_x.add_(PackedLinear::transposed(*weight_up, d.m, /*cached=*/true)(dzs[1]));
   }
   at::Tensor grad_w = empty(), grad_w2 = empty();
   if (needs_weight_grad) {
