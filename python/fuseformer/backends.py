@@ -51,7 +51,7 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # "none") has nothing to fuse and takes cuBLAS (ops/linear.py). CPU
     # (benchmarks/results/cpu/linear.md, mlp.md): the C++ kernels' GEMM is oneDNN's with the
     # weight packed once and kept (csrc/cpu/gemm.h): linear_act 2.2-3.6x eager forward,
-    # 1.16-1.38x forward+backward; MLP 1.09-1.39x, GatedMLP 1.16-1.67x.
+    # 1.5-1.8x forward+backward; MLP and GatedMLP 2.2-2.3x / 1.6-1.7x.
     "linear": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Convolution + bias (+ residual) + activation: the Triton implicit GEMM on CUDA (not yet
     # measured on a GPU). CPU (benchmarks/results/cpu/conv.md): the C++ epilogue after ATen's
