@@ -369,3 +369,32 @@ def test_bad_input_is_a_clear_error(make_call, error, match, backend, device):
         pytest.skip("the bad inputs are CPU tensors")
     with fuseformer.use_backend(backend), pytest.raises(error, match=match):
         make_call()
+
+
+@pytest.mark.skipif("cpu" not in fuseformer.available_backends("cpu"), reason="needs the C++ extension")
+def test_cpu_packed_weight_cache_follows_every_weight_change():
+    """The CPU kernels keep weights packed across calls: an optimizer step (version bump), a
+    write through .data (no version bump), a new tensor and the transposed backward pack all
+    give the result of the weight as it is now."""
+    torch.manual_seed(0)
+    layer = fuseformer.nn.LinearAct(64, 48, activation="relu")
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def check():
+        with fuseformer.use_backend("cpu"):
+            out = layer(x)
+        ref = F.relu(F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out)
+        (gx,) = torch.autograd.grad(out, x, g)
+        (rx,) = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # in place: the version counter moves
+    check()
+    layer.weight.data.mul_(-1.0)  # through .data: the version counter does not move
+    check()
+    layer.weight = torch.nn.Parameter(torch.randn(48, 64))
+    check()

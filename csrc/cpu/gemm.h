@@ -12,6 +12,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <array>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -27,7 +28,7 @@ class PackedLinear {
   // weight across calls (keyed by the weight's identity and version counter, so an in-place
   // update such as an optimizer step repacks it); for weights that persist (parameters).
   PackedLinear(const at::Tensor& weight, int64_t rows, bool cached = false) : weight_(weight) {
-    if (usable(weight, rows)) packed_ = cached && !weight.is_view() ? cached_pack(weight, rows, false) : pack(weight, rows);
+    if (usable(weight, rows)) packed_ = cacheable(weight, cached) ? cached_pack(weight, rows, false) : pack(weight, rows);
   }
 
   // x · weight instead of x · weightᵀ (backward GEMMs: dX = dZ · W), with weightᵀ packed (and
@@ -35,7 +36,7 @@ class PackedLinear {
   static PackedLinear transposed(const at::Tensor& weight, int64_t rows, bool cached = false) {
     PackedLinear linear(weight.t(), rows, false, /*pack_now=*/false);
     if (usable(weight, rows)) {
-      linear.packed_ = cached && !weight.is_view() ? cached_pack(weight, rows, true) : pack(weight.t(), rows);
+      linear.packed_ = cacheable(weight, cached) ? cached_pack(weight, rows, true) : pack(weight.t(), rows);
     }
     return linear;
   }
@@ -82,6 +83,22 @@ class PackedLinear {
 
   PackedLinear(const at::Tensor& weight, int64_t /*rows*/, bool /*cached*/, bool /*pack_now*/) : weight_(weight) {}
 
+  static bool cacheable(const at::Tensor& weight, bool cached) {
+    return cached && !weight.is_view() && weight.is_contiguous();
+  }
+
+  // A bitwise sample of the weight: writes through an alias that does not bump the version
+  // counter (param.data.add_(...)) change it too, and the stale pack is not used.
+  static constexpr int kSamples = 32;
+  using Fingerprint = std::array<float, kSamples>;
+  static Fingerprint fingerprint(const at::Tensor& weight) {
+    Fingerprint f{};
+    const float* data = weight.const_data_ptr<float>();
+    const int64_t n = weight.numel();
+    for (int i = 0; i < kSamples; ++i) f[i] = data[(n - 1) * i / (kSamples - 1)];
+    return f;
+  }
+
   static bool usable(const at::Tensor& weight, int64_t rows) {
     return dnnl_ops().ok && rows >= kMinRows && weight.scalar_type() == at::kFloat &&
            at::globalContext().userEnabledMkldnn();
@@ -94,8 +111,9 @@ class PackedLinear {
   }
 
   // A small LRU of packed weights. Entries hold the weight weakly (a freed weight's entry
-  // dies with it) and are matched by TensorImpl, version and a class of the row count (the
-  // packed format oneDNN picks depends on it); the bytes held are bounded.
+  // dies with it) and are matched by TensorImpl, version, data pointer, a bitwise sample and a
+  // class of the row count (the packed format oneDNN picks depends on it); the bytes held are
+  // bounded.
   static at::Tensor cached_pack(const at::Tensor& weight, int64_t rows, bool transposed) {
     struct Entry {
       c10::weak_intrusive_ptr<c10::TensorImpl> weight;
@@ -103,6 +121,8 @@ class PackedLinear {
       uint32_t version;
       int64_t rows_class;
       bool transposed;
+      const void* data;
+      Fingerprint sample;
       at::Tensor packed;
     };
     static std::mutex mutex;
@@ -112,11 +132,13 @@ class PackedLinear {
     const int64_t rows_class = rows >= 64 ? 64 : (rows >= 16 ? 16 : kMinRows);
     const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
     const uint32_t version = impl->version_counter().current_version();
+    const Fingerprint sample = fingerprint(weight);
+    const void* data = weight.const_data_ptr();
     {
       std::lock_guard<std::mutex> lock(mutex);
       for (auto it = entries.begin(); it != entries.end(); ++it) {
         if (it->impl == impl && it->version == version && it->rows_class == rows_class &&
-            it->transposed == transposed && !it->weight.expired()) {
+            it->transposed == transposed && it->data == data && it->sample == sample && !it->weight.expired()) {
           entries.splice(entries.begin(), entries, it);
           return entries.front().packed;
         }
@@ -126,7 +148,7 @@ class PackedLinear {
     std::lock_guard<std::mutex> lock(mutex);
     entries.remove_if([](const Entry& e) { return e.weight.expired(); });
     entries.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), impl, version, rows_class,
-                        transposed, packed});
+                        transposed, data, sample, packed});
     int64_t bytes = 0;
     size_t kept = 0;
     for (auto it = entries.begin(); it != entries.end();) {
