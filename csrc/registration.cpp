@@ -68,6 +68,12 @@ TORCH_LIBRARY(fuseformer, m) {
   m.def(
       "conv2d_act_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[] stride, int[] padding, "
       "int[] dilation, int groups, str activation, bool save) -> (Tensor out, Tensor saved)");
+  // Inference: the same with an eval-mode BatchNorm (its affine parameters and running
+  // statistics) folded into weight and bias first; the folded weight is cached on the CPU.
+  m.def(
+      "conv2d_bn_act_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor running_mean, Tensor running_var, float eps, Tensor? residual, int[] stride, int[] padding, "
+      "int[] dilation, int groups, str activation) -> Tensor");
 
   // ---- lstm: one layer in one direction (csrc/lstm.h has the layout) ----
   // x (rows, F) the layer's input, w_ih (4H, F), bias = b_ih + b_hh (4H,), gates i|f|g|o;

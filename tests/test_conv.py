@@ -172,6 +172,145 @@ def test_compiles_fullgraph(backend, device):
         torch.testing.assert_close(a, r)
 
 
+# ---- inference (no act' saved: on the CPU in float32, one oneDNN call with post-ops) -------
+
+
+def inference_cases():
+    out = []
+    for b, d in PAIRS:
+        for i, case in enumerate(SHAPES):
+            if b == "triton" and case[-1] != 1:
+                continue
+            for dt in dtypes_for(b, d):
+                if dt != torch.float32 and _out_elements(case) < 32:
+                    continue
+                for layout in ("nchw", "nhwc"):
+                    for residual in (False, True):
+                        # Every activation meets every shape across the layouts and residuals.
+                        act = ACTS[(i + 2 * (layout == "nhwc") + residual) % 6]
+                        out.append(pytest.param(b, d, dt, case, act, layout, residual,
+                                                id=f"{b}-{d}-{str(dt)[6:]}-case{i}-{act}-{layout}-res{int(residual)}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,device,dtype,case,activation,layout,residual", inference_cases())
+def test_inference_matches_reference(poison_outputs, backend, device, dtype, case, activation, layout, residual):
+    _, _, _, stride, pad, dil, groups = case
+    tensors = [t.detach() if t is not None else None
+               for t in make_inputs(case, dtype, device, layout, with_residual=residual)]
+    x, w, b, res = tensors
+    with torch.no_grad(), fuseformer.use_backend(backend):
+        out = fuseformer.ops.conv2d_act(x, w, b, stride, pad, dil, groups, activation, res)
+    channels_last = layout == "nhwc" and not x.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ref = reference([t.double() if t is not None else None for t in tensors], case, activation)
+    assert_matches_reference("out", out, ref, reference(tensors, case, activation))
+
+
+def test_packed_weight_follows_every_kind_of_weight_change():
+    """The CPU inference path keeps the weight packed across calls; each way of changing the
+    weight (in place, through .data, a new tensor) must reach the result."""
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(8, 12, 3, padding=1)
+    changes = [
+        lambda: conv.weight.data.mul_(0.5),
+        lambda: conv.weight.requires_grad_(False).add_(1.0),
+        lambda: setattr(conv, "weight", torch.nn.Parameter(torch.randn(12, 8, 3, 3))),
+        lambda: conv.weight.data.copy_(torch.randn(12, 8, 3, 3)),
+    ]
+    with torch.no_grad(), fuseformer.use_backend("cpu"):
+        for change in [lambda: None, *changes]:
+            change()
+            for _ in range(2):  # the second call reads the cached pack
+                out = fuseformer.ops.conv2d_act(x, conv.weight, conv.bias, padding=1)
+                torch.testing.assert_close(out, F.relu(conv(x)), rtol=1e-4, atol=1e-4)
+
+
+def _bn_inputs(device, dtype, k=12, c=8):
+    torch.manual_seed(3)
+    w = torch.randn(k, c, 3, 3, device=device) / (9 * c) ** 0.5
+    return [w.to(dtype), torch.randn(k, device=device).to(dtype), (1 + torch.rand(k, device=device)).to(dtype),
+            torch.randn(k, device=device).to(dtype), torch.randn(k, device=device).to(dtype),
+            (0.5 + torch.rand(k, device=device)).to(dtype)]
+
+
+def _bn_reference(x, w, b, gamma, beta, mean, var, eps, residual, activation, stride=1):
+    z = F.batch_norm(F.conv2d(x, w, b, stride, 1), mean, var, gamma, beta, False, 0.0, eps)
+    return activation_fn(activation)(z + residual if residual is not None else z)
+
+
+@pytest.mark.parametrize("activation,residual,layout,affine", [
+    ("relu", True, "nhwc", True), ("silu", False, "nhwc", True), ("gelu", True, "nchw", False),
+    ("none", False, "nchw", True), ("relu2", True, "nhwc", False)])
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_conv2d_bn_act_matches_reference(backend, device, activation, residual, layout, affine):
+    w, b, gamma, beta, mean, var = _bn_inputs(device, torch.float32)
+    if not affine:
+        b = gamma = beta = None
+    x = torch.randn(2, 8, 9, 9, device=device)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 12, 9, 9, device=device) if residual else None
+    args = (x, w, b, gamma, beta, mean, var, 1e-3, 1, 1, 1, 1, activation, res)
+    with fuseformer.use_backend(backend):
+        with torch.no_grad():
+            out = fuseformer.ops.conv2d_bn_act(*args)
+        # With gradients (fine-tuning with frozen statistics): the differentiable fold.
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b, gamma, beta)]
+        out_grad = fuseformer.ops.conv2d_bn_act(*leaves, mean, var, 1e-3, 1, 1, 1, 1, activation, res)
+    as64 = [t.double() if t is not None else None for t in (x, w, b, gamma, beta, mean, var)]
+    ref = _bn_reference(*as64, 1e-3, res.double() if res is not None else None, activation)
+    low = _bn_reference(x, w, b, gamma, beta, mean, var, 1e-3, res, activation)
+    assert_matches_reference("out", out, ref, low)
+    assert_matches_reference("out (grad mode)", out_grad.detach(), ref, low)
+    g = torch.randn_like(out)
+    used = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out_grad, used, g)
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    ref = _bn_reference(*ref_leaves, mean.double(), var.double(), 1e-3, res.double() if res is not None else None,
+                        activation)
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_leaves if t is not None], g.double())
+    low_leaves = [t.detach().requires_grad_() if t is not None else None for t in leaves]
+    low = _bn_reference(*low_leaves, mean, var, 1e-3, res, activation)
+    low_grads = torch.autograd.grad(low, [t for t in low_leaves if t is not None], g)
+    for i, (a, r, lo) in enumerate(zip(grads, ref_grads, low_grads)):
+        assert_matches_reference(f"grad {i}", a, r, lo)
+
+
+def test_conv2d_bn_act_follows_changes_to_the_batchnorm():
+    """The folded, packed weight is cached on the CPU: a BatchNorm update (a training step's
+    running statistics, a new affine parameter) must reach the next eval-mode call."""
+    torch.manual_seed(0)
+    unit = fuseformer.nn.ConvBNAct(8, 12, 3, padding=1)
+    conv, bn = _conv_bn(unit, 12)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    for step in range(4):
+        unit.train(), bn.train()
+        batch = torch.randn(4, 8, 9, 9) * (step + 1)
+        with torch.no_grad():
+            unit(batch), bn(conv(batch))  # running statistics move
+            unit.bn.weight.data.mul_(1.5), bn.weight.data.mul_(1.5)
+        unit.eval(), bn.eval()
+        with torch.no_grad(), fuseformer.use_backend("cpu"):
+            for _ in range(2):
+                torch.testing.assert_close(unit(x), F.relu(bn(conv(x))), rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_bn_act_opcheck():
+    if "cpu" not in fuseformer.backends.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    w, b, gamma, beta, mean, var = _bn_inputs("cpu", torch.float32)
+    for layout in ("nchw", "nhwc"):
+        x = torch.randn(2, 8, 9, 9)
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+        res = torch.randn(2, 12, 9, 9)
+        for t in (x, w, b, gamma, beta, res):
+            t.requires_grad_()
+        torch.library.opcheck(torch.ops.fuseformer.conv2d_bn_act_fwd.default,
+                              (x, w, b, gamma, beta, mean, var, 1e-5, res, [1, 1], [1, 1], [1, 1], 1, "relu"))
+
+
 # ---- modules ------------------------------------------------------------------------------
 
 
@@ -184,9 +323,9 @@ def test_conv2d_act_module_is_a_drop_in():
     assert "activation='silu'" in repr(ours)
 
 
-def _conv_bn(ours):
-    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
-    bn = torch.nn.BatchNorm2d(16)
+def _conv_bn(ours, k=16):
+    conv = torch.nn.Conv2d(8, k, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm2d(k)
     conv.load_state_dict(ours.conv.state_dict())
     return conv, bn
 
@@ -231,6 +370,15 @@ BAD = [
     (lambda: fuseformer.ops.conv2d_act(_x, _w, groups=3), ValueError, "groups must be a positive int"),
     (lambda: fuseformer.ops.conv2d_act(_x, _w, residual=torch.randn(1, 6, 8, 8)), ValueError, "residual must have"),
     (lambda: fuseformer.ops.conv2d_act(_x, torch.randn(6, 4, 11, 11)), ValueError, "output would be empty"),
+    (lambda: fuseformer.ops.conv2d_bn_act(_x, _w, None, None, None, torch.zeros(5), torch.ones(6)), ValueError,
+     r"running_mean must have shape \[6\]"),
+    (lambda: fuseformer.ops.conv2d_bn_act(_x, _w, None, torch.ones(6, 1), None, torch.zeros(6), torch.ones(6)),
+     ValueError, r"bn_weight must have shape \[6\]"),
+    (lambda: fuseformer.ops.conv2d_bn_act(_x, _w, None, None, None, torch.zeros(6), torch.ones(6, dtype=torch.long)),
+     TypeError, "running_var must be a floating-point"),
+    (lambda: fuseformer.ops.conv2d_bn_act(_x, _w, None, None, None, torch.zeros(6), torch.ones(6), eps=-1.0),
+     ValueError, "eps must be a non-negative"),
+    (lambda: fuseformer.ops.conv2d_bn_act(_x, _w, None, None, None, torch.zeros(6), None), TypeError, "running_var"),
 ]
 
 

@@ -1,11 +1,23 @@
-// Convolution + bias (+ residual) + activation on the CPU: ATen's convolution (oneDNN), then
-// one vectorized, parallel pass over its output that adds the bias and the residual, applies
-// the activation and, for training, writes act' (what the backward multiplies into dz), as
-// csrc/cpu/linear.cpp does for the GEMM. Both layouts: NCHW (a channel's plane shares one bias
-// value) and channels-last (a pixel's channels read the bias vector).
+// Convolution + bias (+ residual) + activation on the CPU, two ways:
+// - inference (float32, no act' to save, an activation oneDNN has as a post-op): one oneDNN
+//   convolution (the copy bundled in torch, through its mkldnn::_convolution_pointwise ops)
+//   with the bias, the residual add and the activation as post-ops, and the weight reordered
+//   into oneDNN's blocked format once and cached (csrc/cpu/weight_cache.h). The reorder is most
+//   of a small-batch convolution's time in ATen's path, which redoes it at every call
+//   (benchmarks/NOTES.md). conv2d_bn_act_fwd folds an eval-mode BatchNorm into that cached
+//   weight, so a ResNet unit in inference is this one call.
+// - otherwise: ATen's convolution (oneDNN), then one vectorized, parallel pass over its output
+//   that adds the bias and the residual, applies the activation and, for training, writes act'
+//   (what the backward multiplies into dz), as csrc/cpu/linear.cpp does for the GEMM. Both
+//   layouts: NCHW (a channel's plane shares one bias value) and channels-last (a pixel's
+//   channels read the bias vector).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 #include <algorithm>
 #include <optional>
@@ -15,6 +27,7 @@
 
 #include "activation.h"
 #include "vectorize.h"
+#include "weight_cache.h"
 
 namespace fuseformer::cpu {
 namespace {
@@ -107,12 +120,137 @@ void run_conv_epilogue(Activation act, at::Tensor& out, const at::Tensor& bias, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> conv2d_act_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                      const std::optional<at::Tensor>& bias,
-                                                      const std::optional<at::Tensor>& residual,
-                                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, int64_t groups,
-                                                      c10::string_view activation, bool save) {
+
+std::vector<int64_t> conv_output_shape(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation) {
+  std::vector<int64_t> shape{x.size(0), weight.size(0)};
+  for (int i = 0; i < 2; ++i) {
+    shape.push_back((x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1) / stride[i] + 1);
+  }
+  return shape;
+}
+
+// ---- the oneDNN path (inference) ----------------------------------------------------------
+
+struct DnnlConvOps {
+  std::optional<c10::OperatorHandle> reorder, unary, binary;
+  bool ok = false;
+};
+
+const DnnlConvOps& dnnl_conv_ops() {
+  static const DnnlConvOps ops = [] {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    DnnlConvOps o;
+    o.reorder = dispatcher.findOp({"mkldnn::_reorder_convolution_weight", ""});
+    o.unary = dispatcher.findOp({"mkldnn::_convolution_pointwise", ""});
+    o.binary = dispatcher.findOp({"mkldnn::_convolution_pointwise", "binary"});
+    o.ok = o.reorder && o.unary && o.binary && at::hasMKLDNN() &&
+           o.unary->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
+           o.binary->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+    return o;
+  }();
+  return ops;
+}
+
+// oneDNN's name for the activation as a post-op ({attr, algorithm}); attr is null where it
+// has none. After a residual add oneDNN takes only ReLU (or nothing).
+std::pair<const char*, const char*> dnnl_activation(Activation act, bool residual) {
+  switch (act) {
+    case Activation::kNone: return {"none", ""};
+    case Activation::kRelu: return {"relu", ""};
+    case Activation::kGelu: return {residual ? nullptr : "gelu", "none"};
+    case Activation::kGeluTanh: return {residual ? nullptr : "gelu", "tanh"};
+    case Activation::kSilu: return {residual ? nullptr : "swish", ""};
+    default: return {nullptr, ""};
+  }
+}
+
+// NCHW: oneDNN computes in channels-last, and converting the input and output costs more
+// than it saves unless the weight is at least as large as the output (deep layers at small
+// batch, where ATen's per-call reorder of the weight dominates): measured on ResNet-18 shapes
+// (benchmarks/NOTES.md).
+bool dnnl_conv_usable(const at::Tensor& x, const at::Tensor& weight, Activation act, bool residual, bool save) {
+  if (save || x.scalar_type() != at::kFloat || !dnnl_conv_ops().ok || !at::globalContext().userEnabledMkldnn() ||
+      dnnl_activation(act, residual).first == nullptr) {
+    return false;
+  }
+  if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return true;
+  const int64_t out_channels_per_pixel = weight.size(0);
+  const int64_t pixels = x.size(0) * x.size(2) * x.size(3);  // an upper bound of the output's
+  return weight.numel() >= out_channels_per_pixel * pixels;
+}
+
+// What the packed format depends on: the input's sizes and the convolution's parameters.
+WeightCache::Key conv_key(int64_t kind, const at::Tensor& x, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups, int64_t extra) {
+  return {kind, x.size(0), x.size(2), x.size(3), stride[0], stride[1], padding[0], padding[1],
+          dilation[0], dilation[1], groups, extra};
+}
+constexpr int64_t kConvKey = 2, kConvBnKey = 3;
+
+int64_t eps_bits(double eps) {
+  int64_t bits;
+  std::memcpy(&bits, &eps, sizeof bits);
+  return bits;
+}
+
+at::Tensor pack_conv_weight(const at::Tensor& weight, const at::Tensor& x, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  torch::jit::Stack stack{weight.contiguous(), c10::IValue(padding.vec()), c10::IValue(stride.vec()),
+                          c10::IValue(dilation.vec()), c10::IValue(groups), c10::IValue(x.sizes().vec())};
+  dnnl_conv_ops().reorder->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// act(conv(x, weight) + bias (+ residual)) in one oneDNN call; weight plain or packed. The
+// output takes x's memory format (oneDNN writes channels-last).
+at::Tensor dnnl_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups, Activation act) {
+  const auto [attr, algorithm] = dnnl_activation(act, residual.defined());
+  const auto format = x.suggest_memory_format();
+  const at::Tensor xc = x.contiguous(format);
+  const c10::IValue b = bias ? c10::IValue(bias->contiguous()) : c10::IValue();
+  torch::jit::Stack stack;
+  if (residual.defined()) {
+    stack = {xc, residual.contiguous(at::MemoryFormat::ChannelsLast), weight, b, c10::IValue(padding.vec()),
+             c10::IValue(stride.vec()), c10::IValue(dilation.vec()), c10::IValue(groups), c10::IValue("add"),
+             c10::IValue(), act == Activation::kNone ? c10::IValue() : c10::IValue(attr),
+             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    dnnl_conv_ops().binary->callBoxed(&stack);
+  } else {
+    stack = {xc, weight, b, c10::IValue(padding.vec()), c10::IValue(stride.vec()), c10::IValue(dilation.vec()),
+             c10::IValue(groups), c10::IValue(attr), c10::List<std::optional<at::Scalar>>(),
+             c10::IValue(algorithm)};
+    dnnl_conv_ops().unary->callBoxed(&stack);
+  }
+  return stack[0].toTensor().contiguous(format);
+}
+
+// weight (and bias) with an eval-mode BatchNorm folded in: scale = gamma / sqrt(var + eps),
+// weight · scale per output channel, bias · scale + beta - mean · scale. Float32 arithmetic.
+std::pair<at::Tensor, at::Tensor> fold_batch_norm(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& bn_weight,
+                                                  const std::optional<at::Tensor>& bn_bias,
+                                                  const at::Tensor& running_mean, const at::Tensor& running_var,
+                                                  double eps) {
+  at::Tensor scale = at::rsqrt(running_var.to(at::kFloat) + eps);
+  if (bn_weight) scale = scale * bn_weight->to(at::kFloat);
+  at::Tensor shift = -running_mean.to(at::kFloat) * scale;
+  if (bn_bias) shift = shift + bn_bias->to(at::kFloat);
+  if (bias) shift = shift + bias->to(at::kFloat) * scale;
+  const at::Tensor folded = (weight * scale.to(weight.scalar_type()).view({-1, 1, 1, 1})).contiguous();
+  return {folded, shift.to(weight.scalar_type())};
+}
+
+// ---- the ops --------------------------------------------------------------------------------
+
+// cache_weight: keep the packed weight across calls (a parameter; not a weight made per call).
+std::tuple<at::Tensor, at::Tensor> conv2d_act(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                              c10::string_view activation, bool save, bool cache_weight) {
   const char* op = "fuseformer conv2d_act";
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D (N, C, H, W) and (K, C/groups, R, S)");
   const auto dtype = x.scalar_type();
@@ -122,6 +260,19 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act_fwd_cpu(const at::Tensor& x, const
                   (!residual || residual->scalar_type() == dtype),
               op, ": weight, bias and residual must have x's dtype ", dtype);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()), op);
+  if (dnnl_conv_usable(x, weight, act, residual.has_value(), save)) {
+    TORCH_CHECK(!residual || residual->sizes() == at::IntArrayRef(conv_output_shape(x, weight, stride, padding,
+                                                                                    dilation)),
+                op, ": residual must have the output's shape");
+    const at::Tensor packed =
+        cache_weight && WeightCache::cacheable(weight)
+            ? WeightCache::get({weight}, conv_key(kConvKey, x, stride, padding, dilation, groups, 0), [&] {
+                return std::vector<at::Tensor>{pack_conv_weight(weight, x, stride, padding, dilation, groups)};
+              })[0]
+            : weight;
+    return {dnnl_conv(x, packed, bias, residual ? *residual : at::Tensor(), stride, padding, dilation, groups, act),
+            at::empty({0}, x.options())};
+  }
   const auto format = x.suggest_memory_format();
   const bool half = dtype != at::kFloat;
   // Half dtypes: the bias inside the convolution (added to its float accumulator, rounded once,
@@ -141,8 +292,56 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act_fwd_cpu(const at::Tensor& x, const
   return {out, saved.defined() ? saved : at::empty({0}, x.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor> conv2d_act_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, int64_t groups,
+                                                      c10::string_view activation, bool save) {
+  return conv2d_act(x, weight, bias, residual, stride, padding, dilation, groups, activation, save, true);
+}
+
+at::Tensor conv2d_bn_act_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                                 const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 c10::string_view activation) {
+  const char* op = "fuseformer conv2d_bn_act";
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D (N, C, H, W) and (K, C/groups, R, S)");
+  const int64_t k = weight.size(0);
+  for (const auto* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == k, op, ": BatchNorm statistics must have shape [", k, "], got ",
+                t->sizes());
+  }
+  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()), op);
+  const bool sources_cacheable = WeightCache::cacheable(weight) && (!bias || WeightCache::cacheable(*bias)) &&
+                                 (!bn_weight || WeightCache::cacheable(*bn_weight)) &&
+                                 (!bn_bias || WeightCache::cacheable(*bn_bias)) &&
+                                 WeightCache::cacheable(running_mean) && WeightCache::cacheable(running_var);
+  if (dnnl_conv_usable(x, weight, act, residual.has_value(), false) && sources_cacheable) {
+    TORCH_CHECK(!residual || residual->sizes() == at::IntArrayRef(conv_output_shape(x, weight, stride, padding,
+                                                                                    dilation)),
+                op, ": residual must have the output's shape");
+    const auto derived = WeightCache::get(
+        {weight, bias ? *bias : at::Tensor(), bn_weight ? *bn_weight : at::Tensor(), bn_bias ? *bn_bias : at::Tensor(),
+         running_mean, running_var},
+        conv_key(kConvBnKey, x, stride, padding, dilation, groups, eps_bits(eps)), [&] {
+          auto [w, b] = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+          return std::vector<at::Tensor>{pack_conv_weight(w, x, stride, padding, dilation, groups), b};
+        });
+    return dnnl_conv(x, derived[0], derived[1], residual ? *residual : at::Tensor(), stride, padding, dilation, groups,
+                     act);
+  }
+  auto [w, b] = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+  return std::get<0>(conv2d_act(x, w, b, residual, stride, padding, dilation, groups, activation, false, false));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fuseformer, CPU, m) { m.impl("conv2d_act_fwd", &conv2d_act_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fuseformer, CPU, m) {
+  m.impl("conv2d_act_fwd", &conv2d_act_fwd_cpu);
+  m.impl("conv2d_bn_act_fwd", &conv2d_bn_act_fwd_cpu);
+}
 
 }  // namespace fuseformer::cpu

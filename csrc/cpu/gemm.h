@@ -12,10 +12,9 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include <array>
-#include <list>
-#include <mutex>
 #include <optional>
+
+#include "weight_cache.h"
 
 namespace fuseformer::cpu {
 
@@ -25,8 +24,8 @@ class PackedLinear {
   static constexpr int64_t kMinRows = 8;
 
   // weight (N, K), any strides; rows: the usual number of rows of x. cached: keep the packed
-  // weight across calls (keyed by the weight's identity and version counter, so an in-place
-  // update such as an optimizer step repacks it); for weights that persist (parameters).
+  // weight across calls (csrc/cpu/weight_cache.h: an in-place update such as an optimizer step
+  // repacks it); for weights that persist (parameters).
   PackedLinear(const at::Tensor& weight, int64_t rows, bool cached = false) : weight_(weight) {
     if (usable(weight, rows)) packed_ = cacheable(weight, cached) ? cached_pack(weight, rows, false) : pack(weight, rows);
   }
@@ -84,19 +83,7 @@ class PackedLinear {
   PackedLinear(const at::Tensor& weight, int64_t /*rows*/, bool /*cached*/, bool /*pack_now*/) : weight_(weight) {}
 
   static bool cacheable(const at::Tensor& weight, bool cached) {
-    return cached && !weight.is_view() && weight.is_contiguous();
-  }
-
-  // A bitwise sample of the weight: writes through an alias that does not bump the version
-  // counter (param.data.add_(...)) change it too, and the stale pack is not used.
-  static constexpr int kSamples = 32;
-  using Fingerprint = std::array<float, kSamples>;
-  static Fingerprint fingerprint(const at::Tensor& weight) {
-    Fingerprint f{};
-    const float* data = weight.const_data_ptr<float>();
-    const int64_t n = weight.numel();
-    for (int i = 0; i < kSamples; ++i) f[i] = data[(n - 1) * i / (kSamples - 1)];
-    return f;
+    return cached && weight.is_contiguous() && WeightCache::cacheable(weight);
   }
 
   static bool usable(const at::Tensor& weight, int64_t rows) {
@@ -110,57 +97,15 @@ class PackedLinear {
     return stack[0].toTensor();
   }
 
-  // A small LRU of packed weights. Entries hold the weight weakly (a freed weight's entry
-  // dies with it) and are matched by TensorImpl, version, data pointer, a bitwise sample and a
-  // class of the row count (the packed format oneDNN picks depends on it); the bytes held are
-  // bounded.
+  // The packed format oneDNN picks depends on a class of the row count.
   static at::Tensor cached_pack(const at::Tensor& weight, int64_t rows, bool transposed) {
-    struct Entry {
-      c10::weak_intrusive_ptr<c10::TensorImpl> weight;
-      const c10::TensorImpl* impl;
-      uint32_t version;
-      int64_t rows_class;
-      bool transposed;
-      const void* data;
-      Fingerprint sample;
-      at::Tensor packed;
-    };
-    static std::mutex mutex;
-    static std::list<Entry> entries;
-    constexpr size_t kMaxEntries = 256;
-    constexpr int64_t kMaxBytes = int64_t{2} << 30;
     const int64_t rows_class = rows >= 64 ? 64 : (rows >= 16 ? 16 : kMinRows);
-    const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
-    const uint32_t version = impl->version_counter().current_version();
-    const Fingerprint sample = fingerprint(weight);
-    const void* data = weight.const_data_ptr();
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      for (auto it = entries.begin(); it != entries.end(); ++it) {
-        if (it->impl == impl && it->version == version && it->rows_class == rows_class &&
-            it->transposed == transposed && it->data == data && it->sample == sample && !it->weight.expired()) {
-          entries.splice(entries.begin(), entries, it);
-          return entries.front().packed;
-        }
-      }
-    }
-    at::Tensor packed = pack(transposed ? weight.t() : weight, rows_class);
-    std::lock_guard<std::mutex> lock(mutex);
-    entries.remove_if([](const Entry& e) { return e.weight.expired(); });
-    entries.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), impl, version, rows_class,
-                        transposed, data, sample, packed});
-    int64_t bytes = 0;
-    size_t kept = 0;
-    for (auto it = entries.begin(); it != entries.end();) {
-      bytes += it->packed.nbytes();
-      if (++kept > kMaxEntries || (kept > 1 && bytes > kMaxBytes)) {
-        it = entries.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    return packed;
+    const WeightCache::Key key{kLinearKey, rows_class, transposed};
+    return WeightCache::get({weight}, key, [&] {
+      return std::vector<at::Tensor>{pack(transposed ? weight.t() : weight, rows_class)};
+    })[0];
   }
+  static constexpr int64_t kLinearKey = 1;
 
   at::Tensor weight_, packed_;
 };

@@ -54,10 +54,11 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # 1.5-1.8x forward+backward; MLP and GatedMLP 2.2-2.3x / 1.6-1.7x.
     "linear": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Convolution + bias (+ residual) + activation: the Triton implicit GEMM on CUDA (not yet
-    # measured on a GPU). CPU (benchmarks/results/cpu/conv.md): the C++ epilogue after ATen's
-    # convolution measured 0.89-1.00x eager forward, 0.65-1.05x forward+backward: eager stays
-    # the CPU default.
-    "conv": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    # measured on a GPU). CPU (benchmarks/results/cpu/conv.md): float32 inference takes the
+    # C++ kernels (one oneDNN convolution with the epilogue as post-ops and the weight packed
+    # once); training stays on eager, which the C++ pass after ATen's convolution does not
+    # beat (0.86-0.99x forward+backward; ops/conv.py routes per call).
+    "conv": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # LSTM: the fused step kernels on CUDA (not yet measured on a GPU: bench:lstm decides
     # between the Triton step kernel, the CUDA cell and cuDNN). CPU
     # (benchmarks/results/cpu/lstm.md): the C++ kernels for variable-length batches (1.6-2.7x

@@ -66,26 +66,21 @@ class ConvBNAct(torch.nn.Module):
         bn = self.bn
         if bn.running_var is None:
             raise RuntimeError("fuseformer.nn.ConvBNAct: BatchNorm without running statistics cannot be folded")
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        weight = self.conv.weight * scale.to(self.conv.weight.dtype)[:, None, None, None]
-        bias = shift if self.conv.bias is None else self.conv.bias * scale + shift
-        return weight, bias.to(self.conv.weight.dtype)
+        return conv_ops.fold_batch_norm(self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                        bn.running_var, bn.eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        conv = self.conv
+        conv, bn = self.conv, self.bn
         if self.training or conv.padding_mode != "zeros":
-            y = self.bn(conv(x))
+            y = bn(conv(x))
             if residual is not None:
                 y = y + residual
             return activation_fn(self.activation)(y)
-        weight, bias = self.folded()
-        return conv_ops.conv2d_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                   self.activation, residual)
+        if bn.running_var is None:
+            raise RuntimeError("fuseformer.nn.ConvBNAct: BatchNorm without running statistics cannot be folded")
+        return conv_ops.conv2d_bn_act(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                      bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups, self.activation,
+                                      residual)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -6,7 +6,7 @@ registered custom op (``torch.ops.fuseformer.*``), so it works under autograd an
 """
 
 from fuseformer.ops.attention import attention, attention_varlen, attention_with_kv_cache
-from fuseformer.ops.conv import conv2d_act
+from fuseformer.ops.conv import conv2d_act, conv2d_bn_act
 from fuseformer.ops.linear import gated_linear, linear_act
 from fuseformer.ops.lstm import lstm
 from fuseformer.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
@@ -18,6 +18,7 @@ __all__ = [
     "attention_varlen",
     "attention_with_kv_cache",
     "conv2d_act",
+    "conv2d_bn_act",
     "gated_linear",
     "linear_act",
     "lstm",

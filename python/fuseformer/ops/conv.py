@@ -1,22 +1,33 @@
 """2-D convolution with the bias, an optional residual add and the activation fused.
 
-Public function:
+Public functions:
   conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
              activation="relu", residual=None)
       = act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)
+  conv2d_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5,
+                stride=1, padding=0, dilation=1, groups=1, activation="relu", residual=None)
+      = act(F.batch_norm(F.conv2d(x, weight, bias, ...), running_mean, running_var, bn_weight,
+                         bn_bias, training=False, eps=eps) + residual)
+      with the BatchNorm folded into the convolution (inference: ConvBNAct in eval mode).
 
 Arguments as F.conv2d's (padding may be "valid" or "same"); activations as
 fuseformer.ops.linear_act's. x (N, C, H, W) in NCHW or channels-last; the output keeps x's
 memory format. Dtypes: float32, float16, bfloat16, one dtype for all tensors (autocast casts
 as it does for F.conv2d); float64 runs on the reference.
 
-Backends: "cpu" (ATen's convolution, then one fused pass for bias + residual + activation,
-csrc/cpu/conv.cpp), "triton" (implicit-GEMM forward with the epilogue fused, groups = 1,
-kernels/conv.py), "torch" (the reference). Both kernels save act' for the backward, which
-multiplies it into the upstream gradient and runs ATen's convolution_backward.
+Backends: "cpu" (csrc/cpu/conv.cpp: for inference in float32 one oneDNN convolution with the
+bias, residual and activation as post-ops and the weight packed once and cached; otherwise
+ATen's convolution, then one fused pass for bias + residual + activation), "triton"
+(implicit-GEMM forward with the epilogue fused, groups = 1, kernels/conv.py), "torch" (the
+reference). Both kernels save act' for the backward, which multiplies it into the upstream
+gradient and runs ATen's convolution_backward. conv2d_bn_act folds the BatchNorm into the
+weight and bias (float arithmetic, differentiably) and calls conv2d_act; on the CPU, without
+gradients, the C++ op folds it and caches the folded, packed weight.
 
 Registered ops: "fuseformer::conv2d_act_fwd" (C++) and "fuseformer::triton_conv2d_act_fwd"
-(Triton), each with a fake implementation and the autograd formula below.
+(Triton), each with a fake implementation and the autograd formula below;
+"fuseformer::conv2d_bn_act_fwd" (C++ CPU) with a fake implementation and an autograd formula
+that differentiates the folded form.
 """
 
 from __future__ import annotations
@@ -108,11 +119,63 @@ def _conv_backward(ctx, grad_out, _grad_saved):
     return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None
 
 
+def fold_batch_norm(weight: Tensor, bias: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                    running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The convolution's weight and bias with an eval-mode BatchNorm folded in (differentiable):
+    scale = bn_weight / sqrt(running_var + eps); weight * scale per output channel;
+    (bias - running_mean) * scale + bn_bias."""
+    scale = torch.rsqrt(running_var + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight
+    shift = -running_mean * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias
+    folded = weight * scale.to(weight.dtype)[:, None, None, None]
+    folded_bias = shift if bias is None else bias * scale + shift
+    return folded, folded_bias.to(weight.dtype)
+
+
+def _bn_fwd_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding,
+                 dilation, groups, activation):
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+
+
+def _bn_setup_context(ctx, inputs, output):
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, *rest = inputs
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
+    ctx.eps, ctx.rest = eps, rest
+
+
+def _bn_backward(ctx, grad_out):
+    # The op serves inference (conv2d_bn_act takes the differentiable fold when gradients are
+    # wanted); its gradient is that of the folded form, recomputed here.
+    saved = ctx.saved_tensors
+    stride, padding, dilation, groups, activation = ctx.rest
+    differentiable = (0, 1, 2, 3, 4, 8)  # x, weight, bias, bn_weight, bn_bias, residual
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(ctx.needs_input_grad[i]) if t is not None and i in differentiable
+                  else t for i, t in zip((0, 1, 2, 3, 4, 5, 6, 8), saved)]
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual = leaves
+        folded, folded_bias = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, ctx.eps)
+        z = F.conv2d(x, folded, folded_bias, stride, padding, dilation, groups)
+        if residual is not None:
+            z = z + residual
+        y = activation_fn(activation)(z)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad_out, allow_unused=True) if wanted else ())
+    by_slot = {i: (next(grads) if t is not None and t.requires_grad else None)
+               for i, t in zip((0, 1, 2, 3, 4, 5, 6, 8), leaves)}
+    return tuple(by_slot.get(i) for i in range(14))
+
+
 torch.library.register_fake("fuseformer::triton_conv2d_act_fwd")(_conv_fwd_fake)
 torch.library.register_autograd("fuseformer::triton_conv2d_act_fwd", _conv_backward, setup_context=_conv_setup_context)
 if _extension.loaded():
     torch.library.register_fake("fuseformer::conv2d_act_fwd")(_conv_fwd_fake)
     torch.library.register_autograd("fuseformer::conv2d_act_fwd", _conv_backward, setup_context=_conv_setup_context)
+    torch.library.register_fake("fuseformer::conv2d_bn_act_fwd")(_bn_fwd_fake)
+    torch.library.register_autograd("fuseformer::conv2d_bn_act_fwd", _bn_backward, setup_context=_bn_setup_context)
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -143,20 +206,33 @@ def _padding(padding, weight, dilation, stride, op) -> list[int] | None:
     return _pair(padding, "padding", op, 0)
 
 
-def conv2d_act(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] | str = 0,
-    dilation: int | tuple[int, int] = 1,
-    groups: int = 1,
-    activation: str = "relu",
-    residual: Tensor | None = None,
-) -> Tensor:
-    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` with the
-    bias, residual and activation fused into the convolution's output pass."""
-    op = "fuseformer.ops.conv2d_act"
+def _route(backend: str, x: Tensor, pad, groups: int, save: bool, op: str) -> str:
+    """The backend that runs this call: ``backend`` unless it cannot take it (an error when
+    forced; the reference otherwise), or, on the CPU unforced, where the C++ kernels lose."""
+    if backend == "cpu" and backends.forced_backend() is None and (save or x.dtype != torch.float32):
+        # Measured (benchmarks/results/cpu/conv.md): the oneDNN path (float32 inference) beats
+        # eager; training (ATen's convolution + our pass + ATen's backward) does not.
+        return "torch"
+    if backend != "torch":
+        why = None
+        if x.dtype == torch.float64:
+            why = "takes float32, float16 or bfloat16 (float64 runs on the \"torch\" backend)"
+        elif pad is None:
+            why = "takes symmetric padding ('same' with an even dilated kernel needs the \"torch\" backend)"
+        elif backend == "triton" and groups != 1:
+            why = "takes groups=1 (grouped and depthwise convolutions run on \"cpu\" or \"torch\")"
+        elif x.numel() == 0:
+            why = "takes non-empty input"
+        if why is not None:
+            if backends.forced_backend() is not None:
+                raise ValueError(f"{op}: the {backend!r} backend {why}")
+            return "torch"
+    return backend
+
+
+def _check_conv(op, x, weight, bias, residual, stride, padding, dilation, groups, activation):
+    """Validated (x, weight, bias, residual, stride, pad, dilation) after autocast; pad is None
+    for a 'same' padding only the reference takes."""
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {activation!r}")
     _checks.tensor(x, "x", op)
@@ -197,29 +273,84 @@ def conv2d_act(
                              "dilated kernel after padding")
         if residual is not None and tuple(residual.shape) != out_shape:
             raise ValueError(f"{op}: residual must have the output's shape {list(out_shape)}, got {list(residual.shape)}")
+    return x, weight, bias, residual, stride, pad, dilation
 
-    backend = backends.resolve("conv", x.device)
-    if backend != "torch":
-        why = None
-        if x.dtype == torch.float64:
-            why = "takes float32, float16 or bfloat16 (float64 runs on the \"torch\" backend)"
-        elif pad is None:
-            why = "takes symmetric padding ('same' with an even dilated kernel needs the \"torch\" backend)"
-        elif backend == "triton" and groups != 1:
-            why = "takes groups=1 (grouped and depthwise convolutions run on \"cpu\" or \"torch\")"
-        elif x.numel() == 0:
-            why = "takes non-empty input"
-        if why is not None:
-            if backends.forced_backend() is not None:
-                raise ValueError(f"{op}: the {backend!r} backend {why}")
-            backend = "torch"
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv2d_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    activation: str = "relu",
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` with the
+    bias, residual and activation fused into the convolution's output pass."""
+    op = "fuseformer.ops.conv2d_act"
+    x, weight, bias, residual, stride, pad, dilation = _check_conv(op, x, weight, bias, residual, stride, padding,
+                                                                   dilation, groups, activation)
+    save = _wants_grad(x, weight, bias, residual)
+    backend = _route(backends.resolve("conv", x.device), x, pad, groups, save, op)
     if backend == "torch":
         z = F.conv2d(x, weight, bias, stride, padding if pad is None else pad, dilation, groups)
         if residual is not None:
             z = z + residual
         return activation_fn(activation)(z)
-    params = [t for t in (x, weight, bias, residual) if t is not None]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     fwd = torch.ops.fuseformer.triton_conv2d_act_fwd if backend == "triton" else torch.ops.fuseformer.conv2d_act_fwd
     out, _saved = fwd(x, weight, bias, residual, stride, pad, dilation, groups, activation, save)
     return out
+
+
+def conv2d_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float = 1e-5,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    activation: str = "relu",
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(batch_norm(conv2d(x, weight, bias), running statistics) + residual)``: an eval-mode
+    BatchNorm folded into the convolution. Arguments as conv2d_act's and F.batch_norm's."""
+    op = "fuseformer.ops.conv2d_bn_act"
+    k = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() >= 1 else None
+    for name, t, required in (("running_mean", running_mean, True), ("running_var", running_var, True),
+                              ("bn_weight", bn_weight, False), ("bn_bias", bn_bias, False)):
+        if t is None and not required:
+            continue
+        _checks.tensor(t, name, op)
+        if k is not None and tuple(t.shape) != (k,):
+            raise ValueError(f"{op}: {name} must have shape [{k}] (out_channels), got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {_checks.dtype_name(t.dtype)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
+    eps = float(eps)
+    if not _wants_grad(x, weight, bias, bn_weight, bn_bias, residual):
+        x_, weight_, bias_, residual_, stride_, pad, dilation_ = _check_conv(
+            op, x, weight, bias, residual, stride, padding, dilation, groups, activation)
+        backend = _route(backends.resolve("conv", x_.device), x_, pad, groups, False, op)
+        if backend == "cpu" and x_.dtype == torch.float32:
+            for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
+                            ("bn_bias", bn_bias)):
+                if t is not None:
+                    _checks.same_device(t, name, x_, op, "x")
+            return torch.ops.fuseformer.conv2d_bn_act_fwd(x_, weight_, bias_, bn_weight, bn_bias, running_mean,
+                                                          running_var, eps, residual_, stride_, pad, dilation_, groups,
+                                                          activation)
+    folded, folded_bias = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    return conv2d_act(x, folded, folded_bias, stride, padding, dilation, groups, activation, residual)
