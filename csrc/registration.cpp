@@ -37,9 +37,10 @@ TORCH_LIBRARY(fuseformer, m) {
       "Tensor lse, Tensor? mask, Tensor? alibi_slopes, Tensor? seqlens_k, float scale, "
       "float softcap, int window_left, int window_right, bool lower_right) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // KV-cache decode (CUDA, fp16/bf16): q (B, H, n, D) against caches (B, H_kv, L_max, D) of
-  // which batch b holds seqlens_k[b] keys; the n queries sit at the end (lower-right).
-  // num_splits: chunks of the cache per (batch, kv head), 0 = chosen from the SM count.
+  // KV-cache decode (CUDA: fp16/bf16; CPU: also fp32): q (B, H, n, D) against caches
+  // (B, H_kv, L_max, D) of which batch b holds seqlens_k[b] keys; the n queries sit at the end
+  // (lower-right). num_splits: chunks of the cache per (batch, kv head), 0 = chosen from the
+  // SM count (CUDA) or the thread count (CPU).
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, "
       "Tensor? alibi_slopes, float scale, float softcap, int window_left, int window_right, "

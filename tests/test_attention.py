@@ -472,10 +472,13 @@ def test_varlen_dropout_matches_reference_with_the_kernels_mask(backend, device)
 @pytest.mark.parametrize("backend,device", DECODE_PAIRS, ids=DECODE_IDS)
 @pytest.mark.parametrize("groups", [1, 2, 4, 8])
 @pytest.mark.parametrize("n_new", [1, 3])
-def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, device, groups, n_new):
-    batch, kv_heads, max_k, head_dim = 3, 2, 150, 64
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16], ids=["fp16", "fp32", "bf16"])
+def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, device, groups, n_new, dtype):
+    if dtype != torch.float16 and (backend != "cpu" or groups in (2, 8)):
+        pytest.skip("other dtypes: on the C++ CPU kernel (float32 and bfloat16 inputs converted per key block)")
+    # The C++ CPU kernel takes keys in blocks of 256: a longer cache crosses blocks and chunks.
+    batch, kv_heads, max_k, head_dim = 3, 2, (700 if backend == "cpu" else 150), 64
     heads = kv_heads * groups
-    dtype = torch.float16
     k_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).to(dtype)
     v_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).to(dtype)
     q = torch.randn(batch, heads, n_new, head_dim, device=device).to(dtype)
@@ -510,8 +513,8 @@ def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, d
 @pytest.mark.parametrize("seqlens", [[40, 40], [17, 61], [0, 9]], ids=["equal", "ragged", "empty"])
 @pytest.mark.parametrize("n_new", [1, 3])
 def test_cpu_default_decode_without_gqa(causal, seqlens, n_new):
-    # Unforced CPU decode without GQA takes SDPA over the filled cache (or the math path where
-    # a sequence is empty): the same result as the reference.
+    # Unforced CPU decode without GQA (one query row per head): the same result as the
+    # reference, empty sequences included.
     batch, heads, max_k, head_dim = 2, 4, 80, 32
     k_cache, v_cache = torch.randn(batch, heads, max_k, head_dim), torch.randn(batch, heads, max_k, head_dim)
     q = torch.randn(batch, heads, n_new, head_dim)
@@ -586,20 +589,12 @@ def test_opcheck_decode(backend, device):
     k_cache, v_cache = make_qkv((2, 2, 2, 40, 40, 32), torch.float16, device)[1:]
     q = torch.randn(2, 4, 1, 32, device=device).half()
     seqlens = torch.tensor([5, 40], dtype=torch.int32, device=device)
-    if backend == "triton":
-        torch.library.opcheck(
-            torch.ops.fuseformer.triton_attention_decode.default,
-            (q, k_cache, v_cache, seqlens, None, 0.2, 0.0, -1, -1, 2),
-        )
-    elif backend == "cuda":
-        torch.library.opcheck(
-            torch.ops.fuseformer.attention_decode.default, (q, k_cache, v_cache, seqlens, None, 0.2, 0.0, -1, -1, 2)
-        )
-    else:  # "cpu": decode is the forward op with per-batch key counts, lower-right
-        torch.library.opcheck(
-            torch.ops.fuseformer.attention_fwd.default,
-            (q.float(), k_cache.float(), v_cache.float(), None, None, seqlens, 0.2, 0.0, -1, -1, True),
-        )
+    decode = (torch.ops.fuseformer.triton_attention_decode if backend == "triton"
+              else torch.ops.fuseformer.attention_decode).default
+    torch.library.opcheck(decode, (q, k_cache, v_cache, seqlens, None, 0.2, 0.0, -1, -1, 2))
+    if backend == "cpu":  # also float32 with ALiBi, a window and a softcap
+        torch.library.opcheck(decode, (q.float(), k_cache.float(), v_cache.float(), seqlens, torch.rand(4, device=device),
+                                       0.2, 3.0, 8, 0, 0))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

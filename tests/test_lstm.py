@@ -249,18 +249,20 @@ def test_dropout_between_layers(backend, device):
 @pytest.mark.parametrize("case,expected", [
     (dict(batch=8, lengths=True), "cpu"), (dict(batch=8, proj=4), "cpu"), (dict(batch=8), "torch"),
     (dict(batch=4, lengths=True), "torch"), (dict(batch=8, lengths=True, dtype=torch.bfloat16), "torch"),
+    (dict(batch=2, hidden=384), "cpu"), (dict(batch=8, hidden=384), "torch"),
 ])
 def test_cpu_default_routes_by_measurement(monkeypatch, case, expected):
     """Unforced CPU calls take the C++ kernels where they measured faster than torch.nn.LSTM
-    (variable lengths, projections; batch >= 8, float32) and torch's LSTM elsewhere; both give
-    torch.nn.LSTM's result."""
+    (variable lengths, projections from batch 8; batches under 8 from hidden 384; float32) and
+    torch's LSTM elsewhere; both give torch.nn.LSTM's result."""
     lstm_ops = importlib.import_module("fuseformer.ops.lstm")  # the module (fuseformer.ops.lstm is the function)
     used = []
     original = lstm_ops._layer_fwd_op
     monkeypatch.setattr(lstm_ops, "_layer_fwd_op", lambda backend: used.append(backend) or original(backend))
     batch, dtype = case["batch"], case.get("dtype", torch.float32)
-    ref = torch.nn.LSTM(5, 6, proj_size=case.get("proj", 0)).to(dtype)
-    ours = fuseformer.nn.LSTM(5, 6, proj_size=case.get("proj", 0)).to(dtype)
+    hidden = case.get("hidden", 6)
+    ref = torch.nn.LSTM(5, hidden, proj_size=case.get("proj", 0)).to(dtype)
+    ours = fuseformer.nn.LSTM(5, hidden, proj_size=case.get("proj", 0)).to(dtype)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(7, batch, 5, dtype=dtype)
     lengths = torch.randint(1, 8, (batch,)) if case.get("lengths") else None

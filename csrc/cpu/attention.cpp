@@ -12,6 +12,9 @@
 // query tiles, recomputes P from the saved log-sum-exp and accumulates dK, dV of its keys and
 // dQ of its queries. Every output row has exactly one writer: deterministic, no atomics.
 //
+// Decode (attention_decode: a few new queries against a KV cache) has a kernel of its own,
+// below: at one query per head the tiled kernel's GEMM calls cost more than their work.
+//
 // Masking as in kernels/attention.py: query row i sits at key position i + offset (offset 0,
 // or L_b - S for lower-right alignment); keys outside [pos - left, pos + right] or past the
 // batch's key count are invisible; rows with no visible key give zeros and lse = -inf.
@@ -28,6 +31,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "math.h"
@@ -409,11 +413,245 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
+// ---- KV-cache decode -------------------------------------------------------------------------
+//
+// A task is (batch, kv head, chunk of the cache). Its rows are the GQA group's query heads x
+// the n new tokens (row r: token r / groups, head kvh·groups + r % groups, as the CUDA
+// kernel), so each key and value row is read once for the whole group. Per block of keys:
+// scores by direct dot products (key-outer, so a key row stays in L1 across the rows), the
+// online softmax, and P·V accumulated a value row at a time. With fewer (batch, kv head)
+// pairs than threads, the cache is split into chunks whose partial results are combined by
+// their log-sum-exp (flash-decoding, as on CUDA).
+
+constexpr int64_t kDecodeKeys = 256;
+
+// scores[r, j] = q_r · key_j and acc[r] += sum_j p[r, j] · value_j for a block of n keys,
+// key-outer (each key and value row is loaded once for all rows). The head dim is a template
+// parameter for the common sizes (64, 128: the loops unroll completely, one horizontal sum
+// per score), 0 for any other.
+template <int64_t kD>
+__attribute__((always_inline)) inline void decode_scores_impl(const float* __restrict qf, int64_t rows, int64_t d_,
+                                                              const float* __restrict keys, int64_t key_stride,
+                                                              int64_t n, float* __restrict scores) {
+  const int64_t d = kD > 0 ? kD : d_;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key = keys + j * key_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = qf + r * d;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t e = 0; e < d; ++e) sum += qr[e] * key[e];
+      scores[r * kDecodeKeys + j] = sum;
+    }
+  }
+}
+
+template <int64_t kD>
+__attribute__((always_inline)) inline void decode_values_impl(float* __restrict acc, int64_t rows, int64_t d_,
+                                                              const float* __restrict values, int64_t value_stride,
+                                                              int64_t n, const float* __restrict probs) {
+  const int64_t d = kD > 0 ? kD : d_;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* value = values + j * value_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float pj = probs[r * kDecodeKeys + j];
+      float* ar = acc + r * d;
+#pragma omp simd
+      for (int64_t e = 0; e < d; ++e) ar[e] += pj * value[e];
+    }
+  }
+}
+
+FF_VECTORIZE void decode_scores(const float* qf, int64_t rows, int64_t d, const float* keys, int64_t key_stride,
+                                int64_t n, float* scores) {
+  if (d == 64) return decode_scores_impl<64>(qf, rows, d, keys, key_stride, n, scores);
+  if (d == 128) return decode_scores_impl<128>(qf, rows, d, keys, key_stride, n, scores);
+  decode_scores_impl<0>(qf, rows, d, keys, key_stride, n, scores);
+}
+
+FF_VECTORIZE void decode_values(float* acc, int64_t rows, int64_t d, const float* values, int64_t value_stride,
+                                int64_t n, const float* probs) {
+  if (d == 64) return decode_values_impl<64>(acc, rows, d, values, value_stride, n, probs);
+  if (d == 128) return decode_values_impl<128>(acc, rows, d, values, value_stride, n, probs);
+  decode_values_impl<0>(acc, rows, d, values, value_stride, n, probs);
+}
+
+FF_VECTORIZE void axpy_row(float* __restrict y, const float* __restrict x, float a, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+template <typename scalar_t>
+const float* as_float_rows(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t d, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    (void)rows, (void)d, (void)buf;
+    return src;
+  } else {
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t e = 0; e < d; ++e) buf[i * d + e] = static_cast<float>(src[i * row_stride + e]);
+    }
+    return buf;
+  }
+}
+
+struct DecodeProblem {
+  int64_t batch, heads, kv_heads, groups, n_q, head_dim, chunk, splits;
+  int64_t q_s[3], k_s[3], v_s[3];
+  const int32_t* seqlens;
+  const float* slopes;
+  int64_t slopes_batch_stride;
+  Options opt;
+};
+
+// Rows of one (b, kvh, split): acc (rows, D) normalized, and lse per row, into part_out/part_lse.
+template <typename scalar_t>
+void decode_chunk(const DecodeProblem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t b,
+                  int64_t kvh, int64_t split, float* part_out, float* part_lse) {
+  const int64_t D = p.head_dim, rows = p.groups * p.n_q, seqlen = p.seqlens[b];
+  std::vector<float> qf(rows * D), acc(rows * D, 0.0f), scores(rows * kDecodeKeys), m(rows, kNegInf), l(rows, 0.0f);
+  std::vector<float> kbuf(std::is_same_v<scalar_t, float> ? 0 : 2 * kDecodeKeys * D);
+  std::vector<int64_t> vis_lo(rows), vis_hi(rows), pos(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = r / p.groups, h = kvh * p.groups + r % p.groups;
+    const scalar_t* qr = q + b * p.q_s[0] + h * p.q_s[1] + t * p.q_s[2];
+    for (int64_t e = 0; e < D; ++e) qf[r * D + e] = static_cast<float>(qr[e]);
+    pos[r] = seqlen - p.n_q + t;
+    std::tie(vis_lo[r], vis_hi[r]) = visible_range(pos[r], seqlen, p.opt);
+  }
+  int64_t lo = std::min(split * p.chunk, seqlen);
+  const int64_t hi = std::min(lo + p.chunk, seqlen);
+  lo = std::max(lo, *std::min_element(vis_lo.begin(), vis_lo.end()));
+  const scalar_t* kb = k + b * p.k_s[0] + kvh * p.k_s[1];
+  const scalar_t* vb = v + b * p.v_s[0] + kvh * p.v_s[1];
+  for (int64_t n0 = lo; n0 < hi; n0 += kDecodeKeys) {
+    const int64_t n = std::min(kDecodeKeys, hi - n0);
+    const float* keys = as_float_rows(kb + n0 * p.k_s[2], n, p.k_s[2], D, kbuf.data());
+    const int64_t key_stride = std::is_same_v<scalar_t, float> ? p.k_s[2] : D;
+    decode_scores(qf.data(), rows, D, keys, key_stride, n, scores.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = kvh * p.groups + r % p.groups;
+      float* s = scores.data() + r * kDecodeKeys;
+      finish_scores(s, n, n0, pos[r], p.opt, p.slopes ? p.slopes[b * p.slopes_batch_stride + h] : 0.0f, nullptr, 0,
+                    vis_lo[r], vis_hi[r], nullptr);
+      const float m_new = std::max(m[r], row_max(s, n));
+      const float shift = m_new == kNegInf ? 0.0f : m_new;  // no visible key yet: exp(-inf) = 0
+      const float sum = exp_shifted_sum(s, n, 1.0f, shift);
+      const float alpha = std::exp(m[r] - shift);
+      if (alpha != 1.0f) scale_row(acc.data() + r * D, D, alpha);
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+    }
+    const float* values = as_float_rows(vb + n0 * p.v_s[2], n, p.v_s[2], D, kbuf.data() + kDecodeKeys * D);
+    const int64_t value_stride = std::is_same_v<scalar_t, float> ? p.v_s[2] : D;
+    decode_values(acc.data(), rows, D, values, value_stride, n, scores.data());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = r / p.groups, h = kvh * p.groups + r % p.groups;
+    const int64_t row = ((b * p.heads + h) * p.n_q + t) * p.splits + split;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int64_t e = 0; e < D; ++e) part_out[row * D + e] = acc[r * D + e] * inv;
+    part_lse[row] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kNegInf;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                    const std::optional<at::Tensor>& alibi_slopes, double scale,
+                                                    double softcap, int64_t window_left, int64_t window_right,
+                                                    int64_t num_splits) {
+  const char* op = "fuseformer attention_decode (cpu)";
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, op, ": q, k_cache, v_cache must be 4-D");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
+                  k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              op, ": q and the caches must share a dtype, float32, float16 or bfloat16");
+  const int64_t batch = q.size(0), heads = q.size(1), n_q = q.size(2), head_dim = q.size(3);
+  const int64_t kv_heads = k_cache.size(1), max_k = k_cache.size(2);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == batch && k_cache.size(3) == head_dim, op,
+              ": k_cache and v_cache must be (B, H_kv, L_max, D) with q's B and D");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, op, ": q's heads must be a multiple of the caches' heads");
+  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
+              ": q and the caches need a contiguous last dimension");
+  TORCH_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == batch &&
+                  seqlens_k.is_contiguous() && seqlens_k.device().is_cpu(),
+              op, ": seqlens_k must be a contiguous int32 (B,) CPU tensor");
+  const int32_t* seqlens = seqlens_k.const_data_ptr<int32_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(seqlens[b] >= 0 && seqlens[b] <= max_k, op, ": seqlens_k must lie in [0, L_max]");
+    longest = std::max<int64_t>(longest, seqlens[b]);
+  }
+  const at::Tensor slopes = alibi_slopes ? alibi_slopes->contiguous() : at::Tensor();
+  if (alibi_slopes) {
+    TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.device().is_cpu() && slopes.size(-1) == heads &&
+                    (slopes.dim() == 1 || (slopes.dim() == 2 && slopes.size(0) == batch)),
+                op, ": alibi_slopes must be float32 (H,) or (B, H) on the CPU");
+  }
+  at::Tensor out = at::empty({batch, heads, n_q, head_dim}, q.options());
+  at::Tensor lse = at::empty({batch, heads, n_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse.fill_(kNegInf)};
+
+  // Chunks of whole key blocks: enough tasks for every thread when the cache is long.
+  const int64_t pairs = batch * kv_heads, blocks = std::max<int64_t>(1, (longest + kDecodeKeys - 1) / kDecodeKeys);
+  int64_t splits = num_splits > 0 ? num_splits : (at::get_num_threads() + pairs - 1) / pairs;
+  splits = std::clamp<int64_t>(splits, 1, blocks);
+  const int64_t chunk = (blocks + splits - 1) / splits * kDecodeKeys;
+  splits = std::max<int64_t>(1, (longest + chunk - 1) / chunk);
+
+  DecodeProblem p{};
+  p.batch = batch, p.heads = heads, p.kv_heads = kv_heads, p.groups = heads / kv_heads, p.n_q = n_q;
+  p.head_dim = head_dim, p.chunk = chunk, p.splits = splits;
+  for (int i = 0; i < 3; ++i) p.q_s[i] = q.stride(i), p.k_s[i] = k_cache.stride(i), p.v_s[i] = v_cache.stride(i);
+  p.seqlens = seqlens;
+  p.slopes = alibi_slopes ? slopes.const_data_ptr<float>() : nullptr;
+  p.slopes_batch_stride = alibi_slopes && slopes.dim() == 2 ? heads : 0;
+  p.opt = {static_cast<float>(scale), static_cast<float>(softcap), window_left, window_right};
+
+  const bool direct = splits == 1 && dtype == at::kFloat;
+  at::Tensor part_out = direct ? out : at::empty({batch, heads, n_q, splits, head_dim}, q.options().dtype(at::kFloat));
+  at::Tensor part_lse = direct ? lse : at::empty({batch, heads, n_q, splits}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fuseformer_attention_decode", [&] {
+    const scalar_t* qd = q.const_data_ptr<scalar_t>();
+    const scalar_t* kd = k_cache.const_data_ptr<scalar_t>();
+    const scalar_t* vd = v_cache.const_data_ptr<scalar_t>();
+    float* po = part_out.data_ptr<float>();
+    float* pl = part_lse.data_ptr<float>();
+    at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t split = task % splits, pair = task / splits;
+        decode_chunk<scalar_t>(p, qd, kd, vd, pair / kv_heads, pair % kv_heads, split, po, pl);
+      }
+    });
+    if (direct) return;
+    // Combine the chunks of each (b, h, token) row: weights exp(lse_s - max).
+    scalar_t* od = out.data_ptr<scalar_t>();
+    float* ld = lse.data_ptr<float>();
+    for (int64_t row = 0; row < batch * heads * n_q; ++row) {
+      float mx = kNegInf;
+      for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, pl[row * splits + s]);
+      const float shift = mx == kNegInf ? 0.0f : mx;
+      float total = 0.0f;
+      std::vector<float> o(head_dim, 0.0f);
+      for (int64_t s = 0; s < splits; ++s) {
+        const float w = std::exp(pl[row * splits + s] - shift);
+        if (w == 0.0f) continue;
+        total += w;
+        axpy_row(o.data(), po + (row * splits + s) * head_dim, w, head_dim);
+      }
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      for (int64_t e = 0; e < head_dim; ++e) od[row * head_dim + e] = static_cast<scalar_t>(o[e] * inv);
+      ld[row] = total > 0.0f ? shift + std::log(total) : kNegInf;
+    }
+  });
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fuseformer, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_decode", &attention_decode);
 }
 
 }  // namespace fuseformer::cpu

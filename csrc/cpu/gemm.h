@@ -18,6 +18,14 @@
 
 namespace fuseformer::cpu {
 
+// x Wᵀ (+ bias) (+ addend) for up to kSmallRowsMax rows of float32 x, W (N, K) with unit
+// column stride (csrc/cpu/gemv.cpp, AVX-512); nullopt where it does not apply (no AVX-512,
+// other dtypes or layouts), for the caller's fallback. For op kernels (no autograd record).
+constexpr int64_t kSmallRowsMax = 7;
+std::optional<at::Tensor> small_rows_linear(const at::Tensor& x, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& addend = std::nullopt);
+
 class PackedLinear {
  public:
   // From this many rows per GEMM oneDNN wins (measured crossover between batch 1 and 8).
@@ -44,6 +52,9 @@ class PackedLinear {
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& addend = std::nullopt,
                         const std::optional<at::Tensor>& bias = std::nullopt) const {
     if (!packed_.defined()) {
+      if (x.size(0) <= kSmallRowsMax) {
+        if (auto out = small_rows_linear(x, weight_, bias, addend)) return *out;
+      }
       if (addend) return at::addmm(*addend, x, weight_.t());
       return bias ? at::addmm(*bias, x, weight_.t()) : at::mm(x, weight_.t());
     }

@@ -41,9 +41,9 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # SDPA can run that are non-causal or that small stay on SDPA (ops/attention.py) and
     # everything else takes the C++ kernels.
     "attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
-    # KV-cache decode: split-K Triton on CUDA. On CPU the C++ kernel packs a GQA group's
-    # queries into one tile: 1.06-2.3x SDPA with GQA, 0.66-0.84x without (one query row per
-    # head), so calls without GQA stay on SDPA (ops/attention.py).
+    # KV-cache decode: split-K Triton on CUDA. On CPU the C++ decode kernel (direct dot
+    # products, a GQA group's heads share each key row, split-K over the threads): 1.1-1.9x
+    # SDPA with and without GQA, 4.6 vs 7.6 us at GPT decode's smallest (benchmarks/NOTES.md).
     "attention_decode": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # GEMM + bias + activation, plain and gated (linear_act, gated_linear). CUDA: the Triton
     # GEMM with the fused epilogue, then cuBLASLt with its epilogues (neither measured on a
@@ -204,12 +204,19 @@ def forced_backend() -> str | None:
     return _env_backend
 
 
+_default_choice: dict[tuple[str, str], str] = {}
+
+
 def default_backend(family: str, device_type: str) -> str:
-    """The backend an op family takes on ``device_type`` when nothing is forced."""
-    for backend in DEFAULTS[family].get(device_type, ("torch",)):
-        if why_unavailable(backend, device_type) is None:
-            return backend
-    return "torch"
+    """The backend an op family takes on ``device_type`` when nothing is forced (cached, as
+    availability is: ops ask at every call)."""
+    key = (family, device_type)
+    choice = _default_choice.get(key)
+    if choice is None:
+        choice = next((b for b in DEFAULTS[family].get(device_type, ("torch",))
+                       if why_unavailable(b, device_type) is None), "torch")
+        _default_choice[key] = choice
+    return choice
 
 
 def resolve(family: str, device: torch.device) -> str:

@@ -701,21 +701,16 @@ def attention_with_kv_cache(
             v_cache.scatter_(2, positions.expand(v_new.shape), v_new)
 
     backend = _kernel_backend("attention_decode", q, op, v_cache.shape[-1], False)
-    if backend == "cpu" and heads == kv_heads and backends.forced_backend() is None:
-        # Without GQA, SDPA over the filled part of the cache is faster on CPU (backends.DEFAULTS).
-        if not return_lse and not softcap and alibi_slopes is None and window[0] < 0:
-            total = uniform + appended if uniform is not None else cache_seqlens + appended
-            out = _sdpa_decode(q, k_cache, v_cache, total, scale, causal=window[1] == 0)
-            if out is not None:
-                return out
-        backend = "torch"
     if uniform is not None:
         cache_seqlens = torch.full((batch,), uniform, dtype=torch.int32, device=q.device)
     seqlens_k = cache_seqlens + appended
     if backend == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, alibi_slopes)
     elif backend == "cpu":
-        out, lse = _cpp_attention(q, k_cache, v_cache, None, scale, window, softcap, alibi_slopes, True, seqlens_k)
+        out, lse = torch.ops.fuseformer.attention_decode.default(
+            *(_last_dim_contiguous(t) for t in (q, k_cache, v_cache)), seqlens_k, alibi_slopes, scale, softcap,
+            window[0], window[1], num_splits,
+        )
     elif backend == "cuda":
         reason = _cuda_decode_limit(q, k_cache, v_cache)
         if reason is not None:
@@ -731,30 +726,6 @@ def attention_with_kv_cache(
             window[0], window[1], num_splits,
         )
     return (out, lse) if return_lse else out
-
-
-def _sdpa_decode(q, k_cache, v_cache, seqlens_k: Tensor | int, scale, causal: bool) -> Tensor | None:
-    """SDPA over the first max(seqlens_k) cache positions, the n queries at the end of each
-    sequence (CPU tensors; reading seqlens_k is free there). None where a sequence would see
-    no key (SDPA gives NaN there; the math path gives the zeros of the contract)."""
-    n_new = q.shape[2]
-    uniform = isinstance(seqlens_k, int)
-    longest = seqlens_k if uniform else int(seqlens_k.max())
-    if longest == 0 or (not uniform and bool((seqlens_k == 0).any())):
-        return None
-    keys, values = k_cache.narrow(2, 0, longest), v_cache.narrow(2, 0, longest)
-    mask = None
-    if uniform or bool((seqlens_k == longest).all()):
-        if causal and n_new > 1:
-            mask = torch.ones(n_new, longest, dtype=torch.bool, device=q.device).tril(longest - n_new)
-    else:
-        positions = torch.arange(longest, device=q.device)
-        ends = seqlens_k.long()[:, None, None, None]  # (B, 1, 1, 1)
-        mask = positions < ends  # (B, 1, 1, L): the valid keys of each sequence
-        if causal and n_new > 1:
-            pos_q = ends - n_new + torch.arange(n_new, device=q.device)[:, None]  # (B, 1, n, 1)
-            mask = mask & (positions <= pos_q)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 def _cuda_decode_limit(q, k_cache, v_cache) -> str | None:

@@ -219,9 +219,9 @@ def _autocast(tensors: list[Tensor | None], device: torch.device) -> list[Tensor
     return tensors
 
 
-# Below this many rows the C++ CPU kernels' GEMM is ATen's too (oneDNN's packed GEMM pays off
-# from 8 rows, csrc/cpu/gemm.h) and PyTorch's own call costs less host time: GPT decode on the
-# CPU measured 0.66x with the kernels at one row per call.
+# Below this many rows (decode) half-precision CPU calls stay on PyTorch's call: the C++
+# kernels' GEMM would be ATen's too, and PyTorch's call costs less host time. float32 takes
+# the C++ kernels' AVX-512 small-row GEMM (csrc/cpu/gemv.cpp: 1.3-4.7x ATen's at 1-7 rows).
 CPU_KERNEL_MIN_ROWS = 8
 
 
@@ -231,11 +231,16 @@ def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
     if type(x) is not Tensor or type(weight) is not torch.nn.Parameter and type(weight) is not Tensor:
         return False
     dtype, device = x.dtype, x.device
-    if dtype not in _checks.FLOAT_DTYPES or x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+    if dtype not in _checks.FLOAT_DTYPES or weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
         return False
     if weight.dtype != dtype or weight.device != device:
         return False
-    for t, shape in ((weight_up, weight.shape), (bias, weight.shape[:1]), (bias_up, weight.shape[:1])):
+    if bias is not None and (type(bias) is not torch.nn.Parameter and type(bias) is not Tensor or bias.dtype != dtype
+                             or bias.shape != weight.shape[:1] or bias.device != device):
+        return False
+    if weight_up is None and bias_up is None:
+        return True
+    for t, shape in ((weight_up, weight.shape), (bias_up, weight.shape[:1])):
         if t is not None and (not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype or t.device != device):
             return False
     return True
@@ -245,38 +250,43 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
          bias_up: Tensor | None, activation: str) -> Tensor:
     if activation not in ACTIVATIONS:
         _check_activation(activation, op)
-    _checks.tensor(x, "x", op)
-    if torch.is_autocast_enabled(x.device.type):
+    if type(x) is not Tensor:
+        _checks.tensor(x, "x", op)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
         x, weight, weight_up, bias, bias_up = _autocast([x, weight, weight_up, bias, bias_up], x.device)
     if not _plainly_valid(x, weight, weight_up, bias, bias_up):
         weights = {"weight_gate": weight, "weight_up": weight_up} if weight_up is not None else {"weight": weight}
         biases = {"bias_gate": bias, "bias_up": bias_up} if weight_up is not None else {"bias": bias}
         _check_args(op, x, weights, biases)
 
-    backend = backends.resolve("linear", x.device)
-    if backend != "torch" and backends.forced_backend() is None:
-        if activation == "none" and weight_up is None and x.device.type == "cuda":
-            backend = "torch"  # nothing to fuse: cuBLAS (backends.DEFAULTS)
-        elif backend == "cpu" and x.numel() < CPU_KERNEL_MIN_ROWS * x.shape[-1]:
-            backend = "torch"  # decode-sized: the same ATen GEMM either way, and less host time
+    forced = backends.forced_backend()
+    if forced is None:
+        backend = backends.default_backend("linear", device_type)
+        if backend == "cuda" or backend == "triton":
+            if activation == "none" and weight_up is None and device_type == "cuda":
+                backend = "torch"  # nothing to fuse: cuBLAS (backends.DEFAULTS)
+        elif backend == "cpu" and x.dtype != torch.float32 and x.numel() < CPU_KERNEL_MIN_ROWS * x.shape[-1]:
+            backend = "torch"  # decode-sized half precision: ATen's GEMM either way, and less host time
+    else:
+        backend = backends.resolve("linear", x.device)
     if backend != "torch" and x.dtype == torch.float64:
-        if backends.forced_backend() is not None:
+        if forced is not None:
             raise TypeError(
                 f"{op}: the {backend!r} backend takes float32, float16 or bfloat16 input, got "
                 'float64 (float64 runs on the "torch" backend)'
             )
         backend = "torch"
-    k = x.shape[-1]
     if backend == "torch" or x.numel() == 0 or weight.numel() == 0:
         # Empty problems have nothing to fuse; PyTorch's ops give their exact semantics.
         return _torch_linear(x, weight, weight_up, bias, bias_up, activation)
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, weight_up, bias, bias_up)
-    )
+    save = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or any(
+        t is not None and t.requires_grad for t in (weight_up, bias, bias_up)))
+    k = x.shape[-1]
     out, _saved, _saved2 = _fwd_op(backend)(
-        x.reshape(-1, k), weight, weight_up, bias, bias_up, activation, save
+        x.reshape(-1, k) if x.dim() != 2 else x, weight, weight_up, bias, bias_up, activation, save
     )
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
 
 def _torch_linear(x, weight, weight_up, bias, bias_up, activation):

@@ -242,7 +242,7 @@ def lstm(
 
     backend = backends.resolve("lstm", data.device)
     if backend == "cpu" and backends.forced_backend() is None and not _cpu_kernels_win(
-            data.dtype, batch, packed or lengths is not None, real != hidden):
+            data.dtype, batch, hidden, packed or lengths is not None, real != hidden):
         # (Traced, padded input with lengths stays on the kernels: torch's path packs, which
         # TorchDynamo does not trace.)
         if not (lengths is not None and torch.compiler.is_compiling()):
@@ -284,15 +284,21 @@ def lstm(
 
 # Where the C++ CPU kernels beat torch.nn.LSTM (benchmarks/results/cpu/lstm.md): torch runs
 # dense float32 LSTMs without a projection as one oneDNN RNN primitive, which our per-step
-# GEMMs do not reach (0.4-1.0x), and half dtypes in oneDNN's bf16 kernels; it falls back to its
-# per-step ATen path for variable lengths (packed) and for proj_size, where ours measured
-# 1.6-2.7x (variable lengths) and 1.3-1.7x (projection). Below 8 rows per step oneDNN's per-call
-# cost and ATen's small GEMMs make ours slower in every case.
+# GEMMs do not reach from 8 rows (0.5-1.2x), and half dtypes in oneDNN's bf16 kernels; it falls
+# back to its per-step ATen path for variable lengths (packed) and for proj_size, where ours
+# measured 1.6-2.7x (variable lengths) and 1.3-1.7x (projection). Below 8 rows the recurrent
+# GEMM is our AVX-512 small-row kernel (csrc/cpu/gemv.cpp): 1.2-2.4x torch from hidden 384
+# (batch 1-7), 0.8-0.9x at hidden 256, where the per-step host time dominates.
 CPU_KERNEL_MIN_BATCH = 8
+CPU_SMALL_BATCH_MIN_HIDDEN = 384
 
 
-def _cpu_kernels_win(dtype: torch.dtype, batch: int, variable_lengths: bool, projected: bool) -> bool:
-    return dtype == torch.float32 and batch >= CPU_KERNEL_MIN_BATCH and (variable_lengths or projected)
+def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengths: bool, projected: bool) -> bool:
+    if dtype != torch.float32:
+        return False
+    if batch < CPU_KERNEL_MIN_BATCH:
+        return hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
+    return variable_lengths or projected
 
 
 def _initial_state(hx, batched: bool, layers_dirs: int, batch: int, hidden: int, real: int, data: Tensor):
