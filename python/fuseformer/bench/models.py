@@ -103,6 +103,17 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
              "torch eager": lambda: gpt_ref.generate(idx, new, temperature=0)}
     yield Case(FAMILY, "GPT decode (KV cache)", "fwd", (batch, prompt, new), dtype, impls,
                flops=batch * new * 2 * params, tokens=batch * new)
+    if device == "cpu" and not quick:
+        # The bench's CPU GPT is small enough that a decode step is mostly per-op host time;
+        # GPT-2 small (124M) is what a CPU decode user runs: a read of ~0.5 GB of weights per token.
+        small, small_ref = _pair(GPT, GPTConfig.gpt2_small(), device, dtype)
+        small.eval(), small_ref.eval()
+        idx = torch.randint(0, small.config.vocab_size, (1, 16), device=device)
+        small_params = sum(p.numel() for p in small.parameters())
+        impls = {"fuseformer": lambda: small.generate(idx, 16, temperature=0),
+                 "torch eager": lambda: small_ref.generate(idx, 16, temperature=0)}
+        yield Case(FAMILY, "GPT-2 small decode (KV cache)", "fwd", (1, 16, 16), dtype, impls,
+                   flops=16 * 2 * small_params, tokens=16)
 
 
     bert, bert_ref = _pair(BERT, bert_config, device, dtype)

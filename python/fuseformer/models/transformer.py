@@ -179,7 +179,7 @@ class GPT(torch.nn.Module):
                 ln_f=_layer_norm(config.n_embd, config.bias, 1e-5, backend),
             )
         )
-        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = _linear_act(config.n_embd, config.vocab_size, False, "none", self.backend)
         self.transformer.wte.weight = self.lm_head.weight  # tied
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
