@@ -207,13 +207,15 @@ def compile_conv(target) -> bool:
     full-precision one; bias, residual and the saved derivative on."""
     ok = True
     for dtype in ("fp16", "bf16", "fp32"):
-        m, n, k, w, st = CV._FP32_TILE if dtype == "fp32" else CV._GPU_TILE
-        consts = dict(ACT=2, HAS_BIAS=True, HAS_RESIDUAL=True, SAVE=True, SOFTWARE_BF16=False,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
-        sig = {name: "constexpr" if name in consts else (f"*{dtype}" if name.endswith("_ptr") else "i32")
-               for name in inspect.signature(CV._conv_fwd.fn).parameters}
-        ok &= _compile_one(CV._conv_fwd, sig, consts, target, {"num_warps": w, "num_stages": st},
-                           f"{dtype} {(m, n, k, w, st)}")
+        for pointwise in (False, True):  # the general implicit GEMM and the 1x1 one
+            m, n, k, w, st = CV._FP32_TILE if dtype == "fp32" else CV._GPU_TILE
+            consts = dict(ACT=2, HAS_BIAS=True, HAS_RESIDUAL=True, SAVE=True, POINTWISE=pointwise, SOFTWARE_BF16=False,
+                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
+                          GROUP_M=8)
+            sig = {name: "constexpr" if name in consts else (f"*{dtype}" if name.endswith("_ptr") else "i32")
+                   for name in inspect.signature(CV._conv_fwd.fn).parameters}
+            ok &= _compile_one(CV._conv_fwd, sig, consts, target, {"num_warps": w, "num_stages": st},
+                               f"{dtype} {(m, n, k, w, st)}{' 1x1' if pointwise else ''}")
     return ok
 
 

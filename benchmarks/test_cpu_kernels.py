@@ -109,3 +109,19 @@ def test_quantized_linear_decode(benchmark, scheme):
     x = torch.randn(1, 4096)
     with torch.no_grad():
         benchmark(_forced(lambda: fuseformer.ops.quantized_linear(x, qw)))
+
+
+def test_linear_decode_row(benchmark):
+    """One row against a 2048x2048 weight: the AVX-512 small-row GEMM."""
+    x, w, b = torch.randn(1, 2048), torch.randn(2048, 2048) / 45, torch.randn(2048)
+    with torch.no_grad():
+        benchmark(_forced(lambda: fuseformer.ops.linear_act(x, w, b, "none")))
+
+
+def test_conv_bn_act_inference(benchmark):
+    """A ResNet-18 unit at batch 1, channels-last, eval mode: one oneDNN convolution with the
+    folded, packed weight."""
+    unit = fuseformer.nn.ConvBNAct(256, 256, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        benchmark(_forced(lambda: unit(x)))

@@ -5,8 +5,9 @@ channels (K_out), and the reduction runs over the filter taps and input channels
 (R·S·C, channels fastest, so channels-last input reads contiguous runs). Each program owns a
 (BLOCK_M, BLOCK_N) tile of the output: per reduction step it gathers the input patch tile —
 padding and image borders become masked loads — and a weight tile, and accumulates their
-product in fp32. The epilogue adds the bias and the residual, applies the activation and
-writes act' for the backward (as kernels/linear.py does). The weight is read through its
+product in fp32; a 1x1 convolution with stride 1 and no padding is a plain GEMM of the pixels
+by the weight (POINTWISE: no tap decoding or border masks). The epilogue adds the bias and the
+residual, applies the activation and writes act' for the backward (as kernels/linear.py does). The weight is read through its
 strides, so any layout works; groups = 1.
 
 The backward runs through ATen (python/fuseformer/ops/conv.py): dz = g·act' and
@@ -32,7 +33,7 @@ def _conv_fwd(
     sw_k, sw_c, sw_r, sw_s,
     so_n, so_c, so_h, so_w,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
+    POINTWISE: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     m_total = BATCH * P * Q
@@ -48,20 +49,32 @@ def _conv_fwd(
     w0 = (pq % Q) * stride_w - pad_w
     reduction = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, reduction, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < reduction
-        c = kk % C
-        tap = kk // C
-        r = tap // S
-        s = tap % S
-        h = h0[:, None] + r[None, :] * dil_h
-        w = w0[:, None] + s[None, :] * dil_w
-        inside = (h >= 0) & (h < H) & (w >= 0) & (w < W) & m_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + img[:, None] * sx_n + c[None, :] * sx_c + h * sx_h + w * sx_w, mask=inside, other=0.0)
-        wt = tl.load(w_ptr + offs_n[None, :] * sw_k + c[:, None] * sw_c + r[:, None] * sw_r + s[:, None] * sw_s,
-                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
+    if POINTWISE:
+        # 1x1, stride 1, no padding: a plain GEMM of the pixels (rows of x, read through its
+        # strides) by the weight; no tap decoding, no border masks.
+        pixel = img * sx_n + h0 * sx_h + w0 * sx_w
+        for k0 in range(0, C, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            k_ok = c < C
+            x = tl.load(x_ptr + pixel[:, None] + c[None, :] * sx_c, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_n[None, :] * sw_k + c[:, None] * sw_c, mask=k_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
+    else:
+        for k0 in range(0, reduction, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < reduction
+            c = kk % C
+            tap = kk // C
+            r = tap // S
+            s = tap % S
+            h = h0[:, None] + r[None, :] * dil_h
+            w = w0[:, None] + s[None, :] * dil_w
+            inside = (h >= 0) & (h < H) & (w >= 0) & (w < W) & m_ok[:, None] & k_ok[None, :]
+            x = tl.load(x_ptr + img[:, None] * sx_n + c[None, :] * sx_c + h * sx_h + w * sx_w, mask=inside, other=0.0)
+            wt = tl.load(w_ptr + offs_n[None, :] * sw_k + c[:, None] * sw_c + r[:, None] * sw_r + s[:, None] * sw_s,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -110,6 +123,7 @@ def conv2d_act_fwd(x, weight, bias, residual, stride, padding, dilation, activat
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *out.stride(),
         ACT=activation_code, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, SAVE=save,
+        POINTWISE=r == 1 and s == 1 and list(stride) == [1, 1] and list(padding) == [0, 0],
         DOT_PRECISION=precision, SOFTWARE_BF16=software_bf16(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
     )

@@ -115,3 +115,17 @@ def test_cli_rejects_unknown_family(tmp_path):
                           capture_output=True, text=True, cwd="/")
     assert proc.returncode == 2
     assert "unknown family" in proc.stderr
+
+
+def test_bench_cases_bind_their_own_inputs():
+    """The harness lists every case before it times any: each case's implementations must
+    read that case's tensors, not the last case's (closures over a loop variable did)."""
+    from fuseformer.bench import attention as attention_bench
+
+    cases = [c for c in attention_bench._decode_cases("cpu", torch.float32, quick=False)]
+    assert len({c.shape for c in cases}) > 1
+    for case in cases:
+        for name, impl in case.impls.items():
+            if name == "torch eager":
+                continue
+            assert impl().shape[0] == case.shape[0], (name, case.label)

@@ -148,18 +148,26 @@ def _decode_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case
         k_cache = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
         v_cache = torch.randn_like(k_cache)
         seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
-        impls = {}
-        for b in _kernel_backends(device, "attention_decode"):
-            def ours(b=b):
-                with fuseformer.use_backend(b):
-                    return fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, seqlens)
-            impls[f"fuseformer[{b}]"] = ours
-        impls["SDPA"] = lambda: F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
-        impls["torch eager"] = lambda: math_attention(q, k_cache, v_cache, scale=head_dim**-0.5)[0]
+        impls = _decode_impls(device, q, k_cache, v_cache, seqlens)
         cache_bytes = 2 * k_cache.numel() * k_cache.element_size()
         yield Case(FAMILY, "decode", "fwd", (batch, heads, kv_heads, cache_len, head_dim), dtype,
                    {n: torch.no_grad()(fn) for n, fn in impls.items()}, bytes=cache_bytes,
                    flops=4 * batch * heads * cache_len * head_dim, tokens=batch)
+
+
+def _decode_impls(device, q, k_cache, v_cache, seqlens) -> dict:
+    """The implementations of one decode case, bound to its tensors (the harness lists every
+    case before it times any, so closures over the case loop's variables would all time the
+    last case)."""
+    impls = {}
+    for b in _kernel_backends(device, "attention_decode"):
+        def ours(b=b):
+            with fuseformer.use_backend(b):
+                return fuseformer.ops.attention_with_kv_cache(q, k_cache, v_cache, seqlens)
+        impls[f"fuseformer[{b}]"] = ours
+    impls["SDPA"] = lambda: F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
+    impls["torch eager"] = lambda: math_attention(q, k_cache, v_cache, scale=q.shape[-1] ** -0.5)[0]
+    return impls
 
 
 def missing_baselines(device: str) -> dict[str, str]:

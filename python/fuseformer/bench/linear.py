@@ -35,7 +35,7 @@ def _shapes(device: str, quick: bool) -> list[tuple[int, int, int]]:
             (16, 4096, 14336),  # decode
             (1, 4096, 14336),
         ]
-    return [(256, 512, 1024)] if quick else [(2048, 768, 3072), (512, 1024, 4096), (16, 1024, 4096)]
+    return [(256, 512, 1024)] if quick else [(2048, 768, 3072), (512, 1024, 4096), (16, 1024, 4096), (1, 1024, 4096)]
 
 
 def _kernel_backends(device: str) -> list[str]:

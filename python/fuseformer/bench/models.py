@@ -52,15 +52,29 @@ def _pair(model_cls, config, device, dtype):
     return ours, theirs
 
 
+# The harness lists every case before it times any, and one model serves several cases, so
+# each timed function sets the mode it needs (once: the check is an attribute read).
 def _infer(model, *inputs):
     def run():
+        if model.training:
+            model.eval()
         with torch.no_grad():
             return model(*inputs)
     return run
 
 
+def _generate(model, idx, new_tokens):
+    def run():
+        if model.training:
+            model.eval()
+        return model.generate(idx, new_tokens, temperature=0)
+    return run
+
+
 def _train(model, *inputs):
     def run():
+        if not model.training:
+            model.train()
         out = model(*inputs)
         loss = out[1] if isinstance(out, tuple) else out.float().square().mean()
         loss.backward()
@@ -99,8 +113,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     batch, prompt, new = shapes["decode"]
     idx = torch.randint(0, gpt_config.vocab_size, (batch, prompt), device=device)
     gpt.eval(), gpt_ref.eval()
-    impls = {"fuseformer": lambda: gpt.generate(idx, new, temperature=0),
-             "torch eager": lambda: gpt_ref.generate(idx, new, temperature=0)}
+    impls = {"fuseformer": _generate(gpt, idx, new), "torch eager": _generate(gpt_ref, idx, new)}
     yield Case(FAMILY, "GPT decode (KV cache)", "fwd", (batch, prompt, new), dtype, impls,
                flops=batch * new * 2 * params, tokens=batch * new)
     if device == "cpu" and not quick:
@@ -110,8 +123,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
         small.eval(), small_ref.eval()
         idx = torch.randint(0, small.config.vocab_size, (1, 16), device=device)
         small_params = sum(p.numel() for p in small.parameters())
-        impls = {"fuseformer": lambda: small.generate(idx, 16, temperature=0),
-                 "torch eager": lambda: small_ref.generate(idx, 16, temperature=0)}
+        impls = {"fuseformer": _generate(small, idx, 16), "torch eager": _generate(small_ref, idx, 16)}
         yield Case(FAMILY, "GPT-2 small decode (KV cache)", "fwd", (1, 16, 16), dtype, impls,
                    flops=16 * 2 * small_params, tokens=16)
 

@@ -636,6 +636,13 @@ def attention_with_kv_cache(
     is_causal lets new token i see the cache and new tokens <= i. GQA when H is a multiple of
     H_kv. num_splits: chunks of the cache per (batch, kv head), 0 = chosen for the GPU."""
     op = "fuseformer.ops.attention_with_kv_cache"
+    if (type(cache_seqlens) is int and scale is None and window is None and softcap is None and alibi_slopes is None
+            and type(num_splits) is int and num_splits >= 0 and _plain_decode_call(q, k_cache, v_cache, k_new, v_new,
+                                                                                  cache_seqlens)):
+        # The model's common call in a few comparisons (host time per decode step).
+        return _decode(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_seqlens,
+                       k_new.shape[2] if k_new is not None else 0, 1.0 / math.sqrt(q.shape[-1]),
+                       (-1, 0) if is_causal else (-1, -1), 0.0, None, num_splits, return_lse)
     _check_qkv(op, q, k_cache, v_cache, 4, "(batch, heads, seq, head_dim)")
     batch, heads, n_new, head_dim = q.shape
     kv_heads, max_k = k_cache.shape[1], k_cache.shape[2]
@@ -689,6 +696,39 @@ def attention_with_kv_cache(
     window = _causal_window(is_causal, window)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{op}: num_splits must be a non-negative int, got {num_splits!r}")
+    return _decode(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, uniform, appended, scale, window, softcap,
+                   alibi_slopes, num_splits, return_lse)
+
+
+def _plain_decode_call(q, k_cache, v_cache, k_new, v_new, length: int) -> bool:
+    """Plain tensors of one float dtype and device, (B, H, n, D) / (B, H_kv, L_max, D) caches
+    with H a multiple of H_kv, new keys and values of (B, H_kv, n_new, D) that fit."""
+    if type(q) is not Tensor or type(k_cache) is not Tensor or type(v_cache) is not Tensor:
+        return False
+    dtype, device = q.dtype, q.device
+    if (dtype not in _checks.FLOAT_DTYPES or q.dim() != 4 or k_cache.dim() != 4 or k_cache.dtype != dtype
+            or v_cache.dtype != dtype or k_cache.device != device or v_cache.device != device):
+        return False
+    batch, heads, _, head_dim = q.shape
+    cache_shape = k_cache.shape
+    if (v_cache.shape != cache_shape or cache_shape[0] != batch or cache_shape[3] != head_dim or cache_shape[1] == 0
+            or heads % cache_shape[1]):
+        return False
+    appended = 0
+    if k_new is not None or v_new is not None:
+        if type(k_new) is not Tensor or type(v_new) is not Tensor or k_new.shape != v_new.shape or k_new.dim() != 4:
+            return False
+        if (k_new.dtype != dtype or v_new.dtype != dtype or k_new.device != device or v_new.device != device
+                or k_new.shape[:2] != cache_shape[:2] or k_new.shape[3] != head_dim):
+            return False
+        appended = k_new.shape[2]
+    return 0 <= length <= cache_shape[2] - appended
+
+
+def _decode(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, uniform, appended, scale, window, softcap,
+            alibi_slopes, num_splits, return_lse):
+    """The validated decode call: append the new keys and values, then attend on the backend."""
+    batch = q.shape[0]
     if k_new is not None and appended:
         if uniform is not None:  # narrow + copy_: a fraction of __setitem__'s host time
             k_cache.narrow(2, uniform, appended).copy_(k_new)
@@ -702,8 +742,9 @@ def attention_with_kv_cache(
 
     backend = _kernel_backend("attention_decode", q, op, v_cache.shape[-1], False)
     if uniform is not None:
-        cache_seqlens = torch.full((batch,), uniform, dtype=torch.int32, device=q.device)
-    seqlens_k = cache_seqlens + appended
+        seqlens_k = torch.full((batch,), uniform + appended, dtype=torch.int32, device=q.device)
+    else:
+        seqlens_k = cache_seqlens + appended
     if backend == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, seqlens_k, scale, window, softcap, alibi_slopes)
     elif backend == "cpu":

@@ -221,8 +221,11 @@ def _autocast(tensors: list[Tensor | None], device: torch.device) -> list[Tensor
 
 # Below this many rows (decode) half-precision CPU calls stay on PyTorch's call: the C++
 # kernels' GEMM would be ATen's too, and PyTorch's call costs less host time. float32 takes
-# the C++ kernels' AVX-512 small-row GEMM (csrc/cpu/gemv.cpp: 1.3-4.7x ATen's at 1-7 rows).
+# the C++ kernels' AVX-512 small-row GEMM (csrc/cpu/gemv.cpp: 1.3-4.7x ATen's at 1-7 rows)
+# from weights of CPU_SMALL_ROWS_MIN_WEIGHT elements; below that the op call's ~2 us of host
+# time over F.linear's outweighs the GEMM (256x256: 6.5 vs 4.4 us; 256x768: 8.4 vs 10.9 us).
 CPU_KERNEL_MIN_ROWS = 8
+CPU_SMALL_ROWS_MIN_WEIGHT = 1 << 17
 
 
 def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
@@ -266,8 +269,9 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
         if backend == "cuda" or backend == "triton":
             if activation == "none" and weight_up is None and device_type == "cuda":
                 backend = "torch"  # nothing to fuse: cuBLAS (backends.DEFAULTS)
-        elif backend == "cpu" and x.dtype != torch.float32 and x.numel() < CPU_KERNEL_MIN_ROWS * x.shape[-1]:
-            backend = "torch"  # decode-sized half precision: ATen's GEMM either way, and less host time
+        elif backend == "cpu" and x.numel() < CPU_KERNEL_MIN_ROWS * x.shape[-1] and (
+                x.dtype != torch.float32 or weight.numel() < CPU_SMALL_ROWS_MIN_WEIGHT):
+            backend = "torch"  # decode-sized: see CPU_KERNEL_MIN_ROWS
     else:
         backend = backends.resolve("linear", x.device)
     if backend != "torch" and x.dtype == torch.float64:
