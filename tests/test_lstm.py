@@ -151,6 +151,53 @@ def test_variable_lengths(backend, device, case, form):
                             enforce_sorted=enforce_sorted, packed_input=form == "packed")
 
 
+# Inference without a projection at batch < 8 and hidden a multiple of 16: on the CPU the
+# small-batch loop (gates in registers, row tiles of 4, blocks of 16 units).
+INFERENCE_CASES = [
+    (Config(9, 16, batch=1, steps=6), None, "plain"),
+    (Config(7, 32, layers=2, bidirectional=True, batch=3, steps=5, batch_first=True), None, "plain"),
+    (Config(5, 48, batch=7, steps=6), [6, 6, 5, 3, 3, 2, 1], "padded"),  # two row tiles, sorted
+    (Config(6, 64, layers=2, batch=6, steps=5, hx=False), [2, 5, 1, 5, 3, 4], "padded"),  # unsorted
+    (Config(4, 16, bidirectional=True, batch=5, steps=4), [4, 4, 3, 2, 1], "packed"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(INFERENCE_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_inference_matches_reference(poison_outputs, backend, device, dtype, case):
+    cfg, lengths, form = INFERENCE_CASES[case]
+    ref, x, hx, _ = make_case(cfg, device)
+    kwargs = {}
+    if lengths is not None:
+        kwargs = dict(lengths=torch.tensor(lengths), enforce_sorted=False, packed_input=form == "packed")
+
+    def infer(module, dt):
+        module = module.to(dt)
+        xs, hs = x.to(dt), tuple(t.to(dt) for t in hx) if hx is not None else None
+        with torch.no_grad():
+            if kwargs.get("packed_input") or (lengths is not None and not isinstance(module, fuseformer.nn.LSTM)):
+                seq = pack_padded_sequence(xs, kwargs["lengths"], batch_first=cfg.batch_first, enforce_sorted=False)
+                out, (h, c) = module(seq, hs)
+                out, _ = pad_packed_sequence(out, batch_first=cfg.batch_first, total_length=cfg.steps)
+            elif lengths is not None:
+                out, (h, c) = module(xs, hs, lengths=kwargs["lengths"], enforce_sorted=False)
+            else:
+                out, (h, c) = module(xs, hs)
+        return {"output": out, "h_n": h, "c_n": c}
+
+    want = infer(ref, torch.float64)
+    torch_lowp = cfg.module().to(device)
+    torch_lowp.load_state_dict(ref.state_dict())
+    low = infer(torch_lowp, dtype)
+    ours = cfg.module(fuseformer.nn.LSTM).to(device)
+    ours.load_state_dict(ref.state_dict())
+    with fuseformer.use_backend(backend):
+        got = infer(ours, dtype)
+    for name in want:
+        assert_matches_reference(f"{backend} {name}", got[name], want[name], low[name])
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_unbatched_and_saturated(backend, device):
     """Unbatched (L, F) input with (layers, P) states; inputs large enough to saturate gates."""
@@ -250,11 +297,14 @@ def test_dropout_between_layers(backend, device):
     (dict(batch=8, lengths=True), "cpu"), (dict(batch=8, proj=4), "cpu"), (dict(batch=8), "torch"),
     (dict(batch=4, lengths=True), "torch"), (dict(batch=8, lengths=True, dtype=torch.bfloat16), "torch"),
     (dict(batch=2, hidden=384), "cpu"), (dict(batch=8, hidden=384), "torch"),
+    (dict(batch=2, hidden=32, no_grad=True), "cpu"), (dict(batch=2, hidden=32), "torch"),
+    (dict(batch=2, hidden=30, no_grad=True), "torch"),
 ])
 def test_cpu_default_routes_by_measurement(monkeypatch, case, expected):
     """Unforced CPU calls take the C++ kernels where they measured faster than torch.nn.LSTM
-    (variable lengths, projections from batch 8; batches under 8 from hidden 384; float32) and
-    torch's LSTM elsewhere; both give torch.nn.LSTM's result."""
+    (variable lengths, projections from batch 8; batches under 8 from hidden 384, or in
+    inference with hidden a multiple of 16; float32) and torch's LSTM elsewhere; both give
+    torch.nn.LSTM's result."""
     lstm_ops = importlib.import_module("fuseformer.ops.lstm")  # the module (fuseformer.ops.lstm is the function)
     used = []
     original = lstm_ops._layer_fwd_op
@@ -266,7 +316,8 @@ def test_cpu_default_routes_by_measurement(monkeypatch, case, expected):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(7, batch, 5, dtype=dtype)
     lengths = torch.randint(1, 8, (batch,)) if case.get("lengths") else None
-    out, (h, _) = ours(x, lengths=lengths, enforce_sorted=False)
+    with torch.set_grad_enabled(not case.get("no_grad", False)):
+        out, (h, _) = ours(x, lengths=lengths, enforce_sorted=False)
     if lengths is None:
         r, (rh, _) = ref(x)
     else:

@@ -22,6 +22,7 @@ namespace fuseformer::cpu {
 // column stride (csrc/cpu/gemv.cpp, AVX-512); nullopt where it does not apply (no AVX-512,
 // other dtypes or layouts), for the caller's fallback. For op kernels (no autograd record).
 constexpr int64_t kSmallRowsMax = 7;
+bool has_avx512();  // this CPU runs AVX-512F (checked once)
 std::optional<at::Tensor> small_rows_linear(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& addend = std::nullopt);

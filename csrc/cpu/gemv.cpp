@@ -12,6 +12,10 @@
 #include <algorithm>
 #include <optional>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "gemm.h"
 
 namespace fuseformer::cpu {
@@ -90,13 +94,18 @@ __attribute__((target("avx512f"))) void gemv_columns(const GemvArgs& a, int64_t 
   }
 }
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
 #endif
 
 }  // namespace
+
+bool has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
 
 std::optional<at::Tensor> small_rows_linear(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,

@@ -3,6 +3,13 @@
 // activations, the cell and hidden update, and the saves the backward reads; the unfused
 // step is a dozen ATen ops and as many passes over the gates). float32: the caller upcasts
 // half inputs (python/fuseformer/ops/lstm.py).
+//
+// Small batches in inference (1-7 rows, no projection, AVX-512) take a loop of their own
+// (small_batch_layer_fwd below): one parallel pass per step in which each thread owns blocks
+// of 16 hidden units, computes their four gates for every row from a copy of W_hh interleaved
+// so that one 256-byte run per k holds the block's four gate columns (no horizontal sums), and
+// applies the cell to them in registers: one fork/join per step instead of the GEMM's and the
+// cell's, and the gates never reach memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,10 +18,15 @@
 #include <optional>
 #include <tuple>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "../lstm.h"
 #include "gemm.h"
 #include "math.h"
 #include "vectorize.h"
+#include "weight_cache.h"
 
 namespace fuseformer::cpu {
 namespace {
@@ -137,6 +149,143 @@ struct CpuCells {
   }
 };
 
+// ---- small batches, inference ------------------------------------------------------------
+
+#if defined(__x86_64__) && defined(__GNUC__)
+constexpr int64_t kUnits = 16;         // hidden units per block: one AVX-512 vector
+constexpr int64_t kRowTile = 4;        // rows per pass over the weight: 4 gates x 4 rows of accumulators
+constexpr int64_t kSmallBatchMax = 7;  // batches from 8 take the GEMM path (csrc/lstm.h)
+
+// W_hh (4H, H) -> (H/16, H, 4, 16): block u, input k, gate g, unit j = W_hh[g·H + 16u + j, k].
+at::Tensor interleave_recurrent(const at::Tensor& w_hh, int64_t H) {
+  return w_hh.contiguous().view({4, H / kUnits, kUnits, H}).permute({1, 3, 0, 2}).contiguous();
+}
+
+struct SmallStep {
+  const float* w;              // interleaved W_hh
+  const float* pre;            // this step's x_proj rows (n, 4H)
+  const float* h_prev[kSmallBatchMax];
+  const float* c_prev[kSmallBatchMax];
+  float* h_out;                // this step's output rows (n, H)
+  float* h_n;                  // (B, H)
+  float* c_n;                  // (B, H) float32, also the running cell state
+  int64_t n, H;
+};
+
+// Rows [r0, r0 + MT) of block u.
+template <int MT>
+__attribute__((target("avx512f"))) void small_step_block(const SmallStep& a, int64_t u, int64_t r0) {
+  const int64_t H = a.H, j0 = u * kUnits;
+  __m512 acc[MT][4];
+  for (int r = 0; r < MT; ++r) {
+    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_loadu_ps(a.pre + (r0 + r) * 4 * H + g * H + j0);
+  }
+  const float* w = a.w + u * H * 4 * kUnits;
+  for (int64_t k = 0; k < H; ++k) {
+    const float* wk = w + k * 4 * kUnits;
+    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16), w2 = _mm512_loadu_ps(wk + 32),
+                 w3 = _mm512_loadu_ps(wk + 48);
+    for (int r = 0; r < MT; ++r) {
+      const __m512 h = _mm512_set1_ps(a.h_prev[r0 + r][k]);
+      acc[r][0] = _mm512_fmadd_ps(h, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(h, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(h, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(h, w3, acc[r][3]);
+    }
+  }
+  alignas(64) float z[4][kUnits];
+  for (int r = 0; r < MT; ++r) {
+    for (int g = 0; g < 4; ++g) _mm512_store_ps(z[g], acc[r][g]);
+    const float* cp = a.c_prev[r0 + r] + j0;
+    float* h = a.h_out + (r0 + r) * H + j0;
+    float* hn = a.h_n + (r0 + r) * H + j0;
+    float* cn = a.c_n + (r0 + r) * H + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < kUnits; ++j) {
+      const float c = sigmoid_f32(z[1][j]) * cp[j] + sigmoid_f32(z[0][j]) * tanh_f32(z[2][j]);
+      const float hv = sigmoid_f32(z[3][j]) * tanh_f32(c);
+      cn[j] = c;
+      h[j] = hv;
+      hn[j] = hv;
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void small_step(const SmallStep& a, int64_t u_begin, int64_t u_end) {
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    for (int64_t r0 = 0; r0 < a.n; r0 += kRowTile) {  // the block's weight stays in L1 across tiles
+      switch (std::min(kRowTile, a.n - r0)) {
+        case 4: small_step_block<4>(a, u, r0); break;
+        case 3: small_step_block<3>(a, u, r0); break;
+        case 2: small_step_block<2>(a, u, r0); break;
+        default: small_step_block<1>(a, u, r0); break;
+      }
+    }
+  }
+}
+#endif
+
+bool small_batch_applies(const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& w_hr,
+                         bool save) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return !save && !w_hr && has_avx512() && h0.dim() == 2 && c0.dim() == 2 && h0.size(0) <= kSmallBatchMax &&
+         c0.size(1) % kUnits == 0 && c0.size(1) > 0;
+#else
+  (void)h0, (void)c0, (void)w_hr, (void)save;
+  return false;
+#endif
+}
+
+// The layer forward of csrc/lstm.h for small_batch_applies() calls: the same arguments,
+// checks, layout and results (gates and cells empty: no save).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_batch_layer_fwd(
+    const char* op, const at::Tensor& x_in, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias,
+    const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0_in, const at::Tensor& c0_in,
+    const at::Tensor& w_hh, bool reverse) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  lstm::check_input_args(op, x_in, w_ih, bias);
+  const lstm::Steps s = lstm::check_layer_args(op, x_in.size(0), w_ih.size(0), x_in.scalar_type(), x_in.device(),
+                                               batch_sizes, padded, h0_in, c0_in, w_hh, std::nullopt, reverse);
+  const int64_t H = s.hidden;
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const at::Tensor x_proj = PackedLinear(w_ih, x.size(0), /*cached=*/true)(x, std::nullopt, bias).contiguous();
+  constexpr int64_t kInterleavedKey = 4;
+  const at::Tensor w = WeightCache::cacheable(w_hh) && w_hh.is_contiguous()
+                           ? WeightCache::get({w_hh}, {kInterleavedKey, H},
+                                              [&] { return std::vector<at::Tensor>{interleave_recurrent(w_hh, H)}; })[0]
+                           : interleave_recurrent(w_hh, H);
+  const int64_t rows = x_proj.size(0);
+  at::Tensor out = s.has_padding() ? at::zeros({rows, H}, x_proj.options()) : at::empty({rows, H}, x_proj.options());
+  at::Tensor h_n = h0.clone(), c_n = c0.clone();  // rows that never run keep their initial state
+  const float* out_data = out.const_data_ptr<float>();
+  const int64_t blocks = H / kUnits;
+  // A task is at least ~4 blocks of 256 inputs (~16k multiply-adds per row): below that
+  // waking a thread costs more than its share (measured: hidden 256 runs on both threads).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 10) / H);
+  for (int64_t position = 0; position < s.steps(); ++position) {
+    const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
+    if (n == 0) continue;
+    const lstm::Prev prev = lstm::previous(s, position);
+    SmallStep a{};
+    a.w = w.const_data_ptr<float>();
+    a.pre = x_proj.const_data_ptr<float>() + off * 4 * H;
+    for (int64_t r = 0; r < n; ++r) {
+      const bool carried = r < prev.rows;  // else the row starts here, from h0 / c0
+      a.h_prev[r] = carried ? out_data + (prev.offset + r) * H : h0.const_data_ptr<float>() + r * H;
+      a.c_prev[r] = carried ? c_n.const_data_ptr<float>() + r * H : c0.const_data_ptr<float>() + r * H;
+    }
+    a.h_out = out.data_ptr<float>() + off * H;
+    a.h_n = h_n.data_ptr<float>();
+    a.c_n = c_n.data_ptr<float>();
+    a.n = n, a.H = H;
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { small_step(a, begin, end); });
+  }
+  return {out, h_n, c_n, at::empty({0}, x_proj.options()), at::empty({0}, x_proj.options())};
+#else
+  TORCH_CHECK(false, op, ": the small-batch path needs x86-64 AVX-512");
+#endif
+}
+
 void check_float(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": the CPU kernels take float32 (the caller upcasts), got ",
               t.scalar_type());
@@ -148,6 +297,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
   const char* op = "fuseformer lstm_layer_fwd";
   check_float(x, op);
+  if (small_batch_applies(h0, c0, w_hr, save)) {
+    return small_batch_layer_fwd(op, x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, reverse);
+  }
   return lstm::layer_fwd<CpuCells>(op, x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save);
 }
 

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "gemm.h"
 #include "vectorize.h"
 
 namespace fuseformer::cpu {
@@ -165,12 +166,7 @@ __attribute__((target("avx512f"))) void quant_rows_avx512(const QuantArgs& a, in
   }
 }
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
 #else
-bool has_avx512() { return false; }
 template <int BITS>
 void quant_rows_avx512(const QuantArgs&, int64_t, int64_t) {}
 #endif

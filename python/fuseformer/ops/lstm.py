@@ -242,7 +242,9 @@ def lstm(
 
     backend = backends.resolve("lstm", data.device)
     if backend == "cpu" and backends.forced_backend() is None and not _cpu_kernels_win(
-            data.dtype, batch, hidden, packed or lengths is not None, real != hidden):
+            data.dtype, batch, hidden, packed or lengths is not None, real != hidden,
+            torch.is_grad_enabled() and (data.requires_grad or h0.requires_grad or c0.requires_grad
+                                         or any(p.requires_grad for p in params))):
         # (Traced, padded input with lengths stays on the kernels: torch's path packs, which
         # TorchDynamo does not trace.)
         if not (lengths is not None and torch.compiler.is_compiling()):
@@ -282,22 +284,26 @@ def lstm(
     return out, (h_n, c_n)
 
 
-# Where the C++ CPU kernels beat torch.nn.LSTM (benchmarks/results/cpu/lstm.md): torch runs
-# dense float32 LSTMs without a projection as one oneDNN RNN primitive, which our per-step
-# GEMMs do not reach from 8 rows (0.5-1.2x), and half dtypes in oneDNN's bf16 kernels; it falls
-# back to its per-step ATen path for variable lengths (packed) and for proj_size, where ours
-# measured 1.6-2.7x (variable lengths) and 1.3-1.7x (projection). Below 8 rows the recurrent
-# GEMM is our AVX-512 small-row kernel (csrc/cpu/gemv.cpp): 1.2-2.4x torch from hidden 384
-# (batch 1-7), 0.8-0.9x at hidden 256, where the per-step host time dominates.
+# Where the C++ CPU kernels beat torch.nn.LSTM (benchmarks/results/cpu/lstm.md, NOTES.md):
+# torch runs dense float32 LSTMs without a projection as one oneDNN RNN primitive, which our
+# per-step GEMMs do not reach from 8 rows (0.5-1.2x), and half dtypes in oneDNN's bf16
+# kernels; it falls back to its per-step ATen path for variable lengths (packed) and for
+# proj_size, where ours measured 1.6-2.7x (variable lengths) and 1.3-1.7x (projection).
+# Below 8 rows: in inference without a projection, hidden sizes that are multiples of 16 run
+# the C++ small-batch loop (one pass per step with the gates in registers: 1.1-3.8x torch at
+# hidden 32-1024, batch 1-6); otherwise the recurrent GEMM is the AVX-512 small-row kernel
+# (csrc/cpu/gemv.cpp: 1.2-2.4x from hidden 384, 0.7-0.9x at 256 with gradients).
 CPU_KERNEL_MIN_BATCH = 8
 CPU_SMALL_BATCH_MIN_HIDDEN = 384
 
 
-def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengths: bool, projected: bool) -> bool:
+def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengths: bool, projected: bool,
+                     needs_grad: bool) -> bool:
     if dtype != torch.float32:
         return False
     if batch < CPU_KERNEL_MIN_BATCH:
-        return hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
+        small_batch_loop = not needs_grad and not projected and hidden % 16 == 0
+        return small_batch_loop or hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
     return variable_lengths or projected
 
 
