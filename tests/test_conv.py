@@ -42,10 +42,10 @@ def _out_elements(case) -> int:
     return n * k * p * q
 
 
-def reference_cases():
-    # Results of a handful of elements are a few roundings each in half precision, so their
-    # ratio to PyTorch's error is chance: the one-element case runs in float32.
-    out = []
+def _case_grid():
+    """(backend, device, dtype, shape index, shape, layout) over everything each backend takes.
+    Results of a handful of elements are a few roundings each in half precision, so their
+    ratio to PyTorch's error is chance: the one-element case runs in float32."""
     for b, d in PAIRS:
         for i, case in enumerate(SHAPES):
             if b == "triton" and case[-1] != 1:
@@ -54,9 +54,12 @@ def reference_cases():
                 if dt != torch.float32 and _out_elements(case) < 32:
                     continue
                 for layout in ("nchw", "nhwc"):
-                    out.append(pytest.param(b, d, dt, case, ACTS[i], layout,
-                                            id=f"{b}-{d}-{str(dt)[6:]}-case{i}-{ACTS[i]}-{layout}"))
-    return out
+                    yield b, d, dt, i, case, layout
+
+
+def reference_cases():
+    return [pytest.param(b, d, dt, case, ACTS[i], layout, id=f"{b}-{d}-{str(dt)[6:]}-case{i}-{ACTS[i]}-{layout}")
+            for b, d, dt, i, case, layout in _case_grid()]
 
 
 def make_inputs(case, dtype, device, layout, with_residual, bias=True):
@@ -177,19 +180,12 @@ def test_compiles_fullgraph(backend, device):
 
 def inference_cases():
     out = []
-    for b, d in PAIRS:
-        for i, case in enumerate(SHAPES):
-            if b == "triton" and case[-1] != 1:
-                continue
-            for dt in dtypes_for(b, d):
-                if dt != torch.float32 and _out_elements(case) < 32:
-                    continue
-                for layout in ("nchw", "nhwc"):
-                    for residual in (False, True):
-                        # Every activation meets every shape across the layouts and residuals.
-                        act = ACTS[(i + 2 * (layout == "nhwc") + residual) % 6]
-                        out.append(pytest.param(b, d, dt, case, act, layout, residual,
-                                                id=f"{b}-{d}-{str(dt)[6:]}-case{i}-{act}-{layout}-res{int(residual)}"))
+    for b, d, dt, i, case, layout in _case_grid():
+        for residual in (False, True):
+            # Every activation meets every shape across the layouts and residuals.
+            act = ACTS[(i + 2 * (layout == "nhwc") + residual) % 6]
+            out.append(pytest.param(b, d, dt, case, act, layout, residual,
+                                    id=f"{b}-{d}-{str(dt)[6:]}-case{i}-{act}-{layout}-res{int(residual)}"))
     return out
 
 
