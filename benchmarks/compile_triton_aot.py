@@ -220,7 +220,8 @@ def compile_conv(target) -> bool:
 
 
 # The LSTM kernels' float32 pointers (cell state, saved gates); the others have the data dtype.
-_LSTM_FP32 = ("cprev_ptr", "c0_ptr", "c_out_ptr", "c_n_ptr", "g_ptr", "dc_ptr", "c_ptr")
+_LSTM_FP32 = ("cprev_ptr", "c0_ptr", "c_out_ptr", "c_n_ptr", "g_ptr", "dc_ptr", "c_ptr", "cells_ptr")
+_LSTM_I32 = ("sizes_ptr", "offsets_ptr")
 
 
 def compile_lstm(target) -> bool:
@@ -234,9 +235,16 @@ def compile_lstm(target) -> bool:
                 for b, h, k, w in tiles]
         jobs.append((LS._lstm_cell_bwd, dict(HAS_DHB=True, HAS_HRAW=True, SOFTWARE_BF16=False,
                                              BLOCK_B=LS._CELL_TILE[0], BLOCK_H=LS._CELL_TILE[1]), 4))
+        # The persistent kernel at its largest hidden size (four weight tiles in registers).
+        block_h = LS.PERSISTENT_MAX_HIDDEN // (2 if dtype == "fp32" else 1)
+        jobs.append((LS._lstm_persistent_fwd, dict(REVERSE=True, SAVE=True, SOFTWARE_BF16=False,
+                                                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                                                   BLOCK_B=LS._PERSISTENT_BLOCK_B, BLOCK_H=block_h),
+                     8 if block_h >= 128 else 4))
         for fn, consts, warps in jobs:
             sig = {name: "constexpr" if name in consts else
-                   ("*fp32" if name in _LSTM_FP32 else f"*{dtype}") if name.endswith("_ptr") else "i32"
+                   ("*i32" if name in _LSTM_I32 else "*fp32" if name in _LSTM_FP32 else f"*{dtype}")
+                   if name.endswith("_ptr") else "i32"
                    for name in inspect.signature(fn.fn).parameters}
             ok &= _compile_one(fn, sig, consts, target, {"num_warps": warps},
                                f"{dtype} {consts.get('BLOCK_B')}x{consts.get('BLOCK_H')}")

@@ -13,6 +13,13 @@ recurrent GEMM dh_prev = dgates W_hh through torch (cuBLAS); the input and weigh
 are one GEMM each after the loop. With a projection (proj_size), h_raw = o·tanh(c) is projected by a
 GEMM after the cell.
 
+Persistent forward, one launch per layer and direction (``_lstm_persistent_fwd``), for hidden
+sizes up to PERSISTENT_MAX_HIDDEN without a projection: a program owns BLOCK_B rows and every
+hidden unit, loads W_hh once before its time loop (four (H, H) tiles of W_hhᵀ kept on chip
+across the steps) and carries h and c in registers; rows are independent across time, so no
+program waits for another. That removes the per-step launches that bound small batches (two
+kernel launches per step for cuDNN too) at the price of one SM per 16 rows.
+
 Layout and conventions (batch_sizes, padded / packed rows, walking order) as csrc/lstm.h.
 """
 
@@ -103,6 +110,62 @@ def _lstm_step_fwd(
 
 
 @triton.jit
+def _lstm_persistent_fwd(
+    xp_ptr, h0_ptr, c0_ptr, w_ptr, sizes_ptr, offsets_ptr,
+    out_ptr, h_n_ptr, c_n_ptr, g_ptr, cells_ptr,
+    BATCH, STEPS, H, sw_row, sw_col,
+    REVERSE: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTWARE_BF16: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.arange(0, BLOCK_H)
+    unit_ok = units < H
+    state_ok = (rows < BATCH)[:, None] & unit_ok[None, :]
+    # W_hhᵀ of each gate, (k, j) = W_hh[q·H + j, k]: loaded once, kept across the steps.
+    w_offs = units[None, :] * sw_row + units[:, None] * sw_col
+    w_ok = unit_ok[:, None] & unit_ok[None, :]
+    w_i = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0)
+    w_f = tl.load(w_ptr + H * sw_row + w_offs, mask=w_ok, other=0.0)
+    w_g = tl.load(w_ptr + 2 * H * sw_row + w_offs, mask=w_ok, other=0.0)
+    w_o = tl.load(w_ptr + 3 * H * sw_row + w_offs, mask=w_ok, other=0.0)
+    state = rows[:, None] * H + units[None, :]
+    h = tl.load(h0_ptr + state, mask=state_ok, other=0.0).to(tl.float32)
+    c = tl.load(c0_ptr + state, mask=state_ok, other=0.0)
+    for s in range(0, STEPS):
+        t = STEPS - 1 - s if REVERSE else s
+        n = tl.load(sizes_ptr + t)
+        off = tl.load(offsets_ptr + t)
+        active = rows < n
+        ok = active[:, None] & unit_ok[None, :]
+        hw = h.to(w_ptr.dtype.element_ty)
+        xp = xp_ptr + (off + rows)[:, None] * (4 * H) + units[None, :]
+        i = _sigmoid(tl.dot(hw, w_i, tl.load(xp, mask=ok, other=0.0).to(tl.float32), input_precision=DOT_PRECISION))
+        f = _sigmoid(tl.dot(hw, w_f, tl.load(xp + H, mask=ok, other=0.0).to(tl.float32),
+                            input_precision=DOT_PRECISION))
+        g = _tanh(tl.dot(hw, w_g, tl.load(xp + 2 * H, mask=ok, other=0.0).to(tl.float32),
+                         input_precision=DOT_PRECISION))
+        o = _sigmoid(tl.dot(hw, w_o, tl.load(xp + 3 * H, mask=ok, other=0.0).to(tl.float32),
+                            input_precision=DOT_PRECISION))
+        c_new = f * c + i * g
+        h_new = to_output(o * _tanh(c_new), out_ptr.dtype.element_ty, SOFTWARE_BF16)
+        # Rows not active at this step keep their state: finished (forward) or not yet started
+        # (reverse, still h0 / c0), as the active rows are a prefix.
+        c = tl.where(ok, c_new, c)
+        h = tl.where(ok, h_new.to(tl.float32), h)
+        step_rows = (off + rows)[:, None]
+        tl.store(out_ptr + step_rows * H + units[None, :], h_new, mask=ok)
+        if SAVE:
+            tl.store(cells_ptr + step_rows * H + units[None, :], c_new, mask=ok)
+            gp = g_ptr + step_rows * (4 * H) + units[None, :]
+            tl.store(gp, i, mask=ok)
+            tl.store(gp + H, f, mask=ok)
+            tl.store(gp + 2 * H, g, mask=ok)
+            tl.store(gp + 3 * H, o, mask=ok)
+    tl.store(h_n_ptr + state, h.to(h_n_ptr.dtype.element_ty), mask=state_ok)
+    tl.store(c_n_ptr + state, c, mask=state_ok)
+
+
+@triton.jit
 def _lstm_cell_bwd(
     dha_ptr, dhb_ptr, dc_ptr, g_ptr, c_ptr, cprev_ptr, c0_ptr, dz_ptr, hraw_ptr,
     n, prev_rows, H,
@@ -161,12 +224,49 @@ def _previous(order, sizes, offsets, position):
     return offsets[t], sizes[t]
 
 
+# The persistent kernel keeps four (H, H) weight tiles in registers: up to 128 units (fp16:
+# 128 KB per program over 8 warps; fp32 64 units). Batches up to 64: 16 rows per program.
+PERSISTENT_MAX_HIDDEN = 128
+PERSISTENT_MAX_BATCH = 64
+_PERSISTENT_BLOCK_B = 16
+
+
+def _persistent_applies(x_proj, hidden: int, batch: int, w_hr) -> bool:
+    limit = PERSISTENT_MAX_HIDDEN if x_proj.dtype != torch.float32 else PERSISTENT_MAX_HIDDEN // 2
+    return w_hr is None and 0 < hidden <= limit and 0 < batch <= PERSISTENT_MAX_BATCH
+
+
+def _persistent_fwd(x_proj, h0, c0, w_hh, sizes, offsets, rows, padding: bool, reverse: bool, save: bool):
+    batch, hidden = h0.shape[0], c0.shape[1]
+    device, dtype = x_proj.device, x_proj.dtype
+    f32 = dict(device=device, dtype=torch.float32)
+    alloc = torch.zeros if padding else torch.empty
+    out = alloc((rows, hidden), device=device, dtype=dtype)
+    cells = alloc((rows, hidden), **f32) if save else torch.empty(0, **f32)
+    gates = alloc((rows, 4 * hidden), **f32) if save else torch.empty(0, **f32)
+    h_n, c_n = torch.empty_like(h0), torch.empty((batch, hidden), **f32)
+    steps = torch.tensor([sizes, offsets], dtype=torch.int32).to(device)
+    block_h = max(16, triton.next_power_of_2(hidden))
+    grid = (triton.cdiv(batch, _PERSISTENT_BLOCK_B),)
+    _lstm_persistent_fwd[grid](
+        x_proj, h0, c0, w_hh, steps[0], steps[1], out, h_n, c_n, gates if save else out, cells if save else c_n,
+        batch, len(sizes), hidden, w_hh.stride(0), w_hh.stride(1),
+        REVERSE=reverse, SAVE=save, DOT_PRECISION=_dot_precision(dtype), SOFTWARE_BF16=software_bf16(),
+        BLOCK_B=_PERSISTENT_BLOCK_B, BLOCK_H=block_h, num_warps=8 if block_h >= 128 else 4,
+    )
+    return out, h_n, c_n.to(dtype), gates, cells
+
+
 def layer_fwd(x, w_ih, bias, batch_sizes, padded: bool, h0, c0, w_hh, w_hr, reverse: bool, save: bool):
     """out (rows, P), h_n, c_n, and when ``save`` the activated gates and the cells (float32)."""
     batch, hidden, proj = h0.shape[0], c0.shape[1], h0.shape[1]
     order, sizes, offsets, rows = _steps(batch_sizes, padded, batch, reverse)
     # The input projection of every step, one GEMM (cuBLAS).
     x_proj = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
+    if _persistent_applies(x_proj, hidden, batch, w_hr):
+        padding = padded and bool(sizes) and sizes[-1] < batch
+        return _persistent_fwd(x_proj.contiguous(), h0.contiguous(), c0.float().contiguous(), w_hh, sizes, offsets,
+                               rows, padding, reverse, save)
     h0 = h0.contiguous()
     c0 = c0.float().contiguous()
     f32 = dict(device=x_proj.device, dtype=torch.float32)

@@ -198,6 +198,22 @@ def test_inference_matches_reference(poison_outputs, backend, device, dtype, cas
         assert_matches_reference(f"{backend} {name}", got[name], want[name], low[name])
 
 
+@pytest.mark.skipif(("triton", "cpu") not in PAIRS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("form", ["dense", "lengths"])
+def test_triton_step_kernels_without_the_persistent_kernel(monkeypatch, form):
+    """Hidden sizes past the persistent kernel's limit take one launch per step: the same
+    results (the limit lowered so the small test shapes take that path)."""
+    from fuseformer.kernels import lstm as triton_lstm
+
+    monkeypatch.setattr(triton_lstm, "PERSISTENT_MAX_HIDDEN", 0)
+    if form == "dense":
+        check_against_reference(CONFIGS[1], "triton", "cpu", torch.float32)
+    else:
+        cfg, lengths, enforce_sorted = LENGTH_CASES[1]
+        check_against_reference(cfg, "triton", "cpu", torch.float32, lengths=torch.tensor(lengths),
+                                enforce_sorted=enforce_sorted)
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_unbatched_and_saturated(backend, device):
     """Unbatched (L, F) input with (layers, P) states; inputs large enough to saturate gates."""

@@ -59,11 +59,12 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # once); training stays on eager, which the C++ pass after ATen's convolution does not
     # beat (0.86-0.99x forward+backward; ops/conv.py routes per call).
     "conv": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
-    # LSTM: the fused step kernels on CUDA (not yet measured on a GPU: bench:lstm decides
-    # between the Triton step kernel, the CUDA cell and cuDNN). CPU
-    # (benchmarks/results/cpu/lstm.md): the C++ kernels for variable-length batches (1.6-2.7x
-    # torch's packed path) and projections (1.3-1.7x) from batch 8; dense float32 LSTMs stay on
-    # torch's oneDNN RNN, which they do not beat (ops/lstm.py routes per call).
+    # LSTM: the fused Triton kernels on CUDA (persistent up to hidden 128, else one step
+    # kernel per step; not yet measured on a GPU: bench:lstm decides between them, the CUDA
+    # cell and cuDNN). CPU (benchmarks/results/cpu/lstm.md): the C++ kernels for
+    # variable-length batches (1.6-2.7x torch's packed path) and projections (1.3-1.7x) from
+    # batch 8, and below batch 8 (small-batch loop in inference: 1.1-3.8x); dense float32 LSTMs
+    # from batch 8 stay on torch's oneDNN RNN, which they do not beat (ops/lstm.py routes per call).
     "lstm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Weight-only quantized linear (int8 / int4): on CUDA the Triton GEMM with the
     # dequantization in its main loop, then the C++ CUDA GEMV (neither measured on a GPU yet:

@@ -35,7 +35,9 @@ def _shapes(device: str, quick: bool) -> list[tuple[int, int, int, int, bool, in
     if device == "cuda":
         if quick:
             return [(8, 256, 256, 1, False, 0), (64, 1024, 128, 1, False, 0)]
-        return [(1, 256, 512, 1, False, 0), (8, 256, 512, 1, False, 0), (8, 1024, 256, 1, False, 0),
+        # Small hidden sizes first: the Triton persistent kernel's range (kernels/lstm.py).
+        return [(1, 128, 512, 1, False, 0), (8, 128, 512, 1, False, 0), (4, 64, 256, 2, True, 0),
+                (1, 256, 512, 1, False, 0), (8, 256, 512, 1, False, 0), (8, 1024, 256, 1, False, 0),
                 (64, 512, 256, 1, False, 0), (64, 1024, 256, 1, False, 0), (256, 1024, 64, 1, False, 0),
                 (256, 256, 512, 1, False, 0), (32, 512, 128, 2, True, 0), (64, 1024, 128, 1, False, 256)]
     if quick:
@@ -65,6 +67,21 @@ def _ours(module: torch.nn.Module, backend: str, lengths: torch.Tensor | None):
         with fuseformer.use_backend(backend):
             out, (h, c) = module(x, lengths=lengths, enforce_sorted=False)
         return out, h, c
+    return run
+
+
+def _ours_step_kernels(module: torch.nn.Module, lengths: torch.Tensor | None):
+    """The Triton backend with its persistent kernel switched off: one launch per step."""
+    from fuseformer.kernels import lstm as triton_lstm
+
+    inner = _ours(module, "triton", lengths)
+
+    def run(*args):
+        limit, triton_lstm.PERSISTENT_MAX_HIDDEN = triton_lstm.PERSISTENT_MAX_HIDDEN, 0
+        try:
+            return inner(*args)
+        finally:
+            triton_lstm.PERSISTENT_MAX_HIDDEN = limit
     return run
 
 
@@ -104,6 +121,10 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                 eager = _eager(ref, lengths)
                 impls = {f"fuseformer[{be}]": timed(_ours(ours_m, be, lengths), ours_tensors, direction)
                          for be in _kernel_backends(device)}
+                if device == "cuda" and "triton" in _kernel_backends(device) and hidden <= 128 and not proj:
+                    # Which of the two Triton forward paths wins here is the GPU run's to say.
+                    impls["fuseformer[triton step]"] = timed(_ours_step_kernels(ours_m, lengths), ours_tensors,
+                                                             direction)
                 impls["torch eager"] = timed(eager, tensors, direction)
                 if steps <= COMPILE_MAX_STEPS and not varlen:
                     with torch._dynamo.config.patch(allow_rnn=True):
