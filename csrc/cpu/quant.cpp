@@ -171,7 +171,32 @@ template <int BITS>
 void quant_rows_avx512(const QuantArgs&, int64_t, int64_t) {}
 #endif
 
-// The float32 (N, K) weight: (u - z)·s per element.
+// One row of the float32 weight: (u - z)·s per element (int4: a byte's low nibble is the even
+// column, per group one scale and zero point).
+FF_VECTORIZE void dequantize_row(int64_t bits, const void* codes, const float* s, const uint8_t* z, float* out,
+                                 int64_t k, int64_t group_size) {
+  if (bits == 8) {
+    const int8_t* q = static_cast<const int8_t*>(codes);
+    const float scale = s[0];
+#pragma omp simd
+    for (int64_t c = 0; c < k; ++c) out[c] = static_cast<float>(q[c]) * scale;
+    return;
+  }
+  const uint8_t* q = static_cast<const uint8_t*>(codes);
+  const int64_t pairs = group_size / 2;
+  for (int64_t g = 0; g < k / group_size; ++g) {
+    const float scale = s[g], zero = z ? static_cast<float>(z[g]) : 8.0f;
+    const uint8_t* qg = q + g * pairs;
+    float* o = out + g * group_size;
+#pragma omp simd
+    for (int64_t j = 0; j < pairs; ++j) {
+      o[2 * j] = (static_cast<float>(qg[j] & 15) - zero) * scale;
+      o[2 * j + 1] = (static_cast<float>(qg[j] >> 4) - zero) * scale;
+    }
+  }
+}
+
+// The float32 (N, K) weight.
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                       int64_t bits, int64_t k, int64_t group_size) {
   const int64_t n = codes.size(0), groups = scales.size(1);
@@ -179,19 +204,12 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const s
   float* out = w.data_ptr<float>();
   const float* s = scales.const_data_ptr<float>();
   const uint8_t* z = zeros ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  const auto* q = static_cast<const uint8_t*>(codes.const_data_ptr());
+  const int64_t row_bytes = bits == 8 ? k : k / 2;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (bits == 8) {
-        const int8_t* q = codes.const_data_ptr<int8_t>() + r * k;
-        for (int64_t c = 0; c < k; ++c) out[r * k + c] = static_cast<float>(q[c]) * s[r];
-      } else {
-        const uint8_t* q = codes.const_data_ptr<uint8_t>() + r * (k / 2);
-        for (int64_t c = 0; c < k; ++c) {
-          const int64_t g = c / group_size;
-          const int code = c % 2 ? q[c / 2] >> 4 : q[c / 2] & 15;
-          out[r * k + c] = (static_cast<float>(code) - (z ? z[r * groups + g] : 8.0f)) * s[r * groups + g];
-        }
-      }
+      dequantize_row(bits, q + r * row_bytes, s + r * groups, z ? z + r * groups : nullptr, out + r * k, k,
+                     group_size);
     }
   });
   return w;
@@ -225,9 +243,9 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_in, const at::Tensor& codes,
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor bias = bias_in ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
   if (m > kGemvRows) {
+    // Prefill: the float weight for this call, then oneDNN's GEMM on it as it is.
     const at::Tensor w = dequantize(c, scales, zeros, bits, k, group_size);
-    at::Tensor out = bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
-    return out.to(dtype);
+    return PackedLinear::plain(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt).to(dtype);
   }
   at::Tensor out = at::empty({m, n}, x.options());
   QuantArgs a{x.const_data_ptr<float>(), nullptr, c.const_data_ptr(), scales.const_data_ptr<float>(),
