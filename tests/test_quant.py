@@ -25,8 +25,8 @@ PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 SCHEMES = [("int8_weight_only", 128, True), ("int4_weight_only", 32, False), ("int4_weight_only", 64, True),
            ("int4_weight_only", 128, True), ("int8_dynamic", 128, True)]
 SCHEME_IDS = ["int8", "int4-g32-sym", "int4-g64-zp", "int4-g128-zp", "w8a8"]
-# (M rows, K, N): decode rows, the GEMV/GEMM switch (16/17), tile remainders.
-SHAPES = [(1, 256, 96), (3, 128, 50), (16, 384, 130), (17, 256, 64), (40, 512, 33), (5, 100, 24)]  # K=100: int8 tail
+# (M rows, K, N): decode rows, the CPU GEMV/GEMM switch (10/11), tile remainders.
+SHAPES = [(1, 256, 96), (3, 128, 50), (10, 384, 130), (11, 256, 64), (40, 512, 33), (5, 100, 24)]  # K=100: int8 tail
 
 
 def dtypes_for(backend: str, device: str) -> list[torch.dtype]:

@@ -8,7 +8,7 @@
 // (the zero point subtracted before the product: no cancellation), scaled into the row's
 // total. Runtime dispatch: AVX-512 intrinsics where the CPU has them (codes converted once for
 // up to 4 input rows), else the compiler's AVX2 / baseline loops. Larger inputs are compute
-// bound: the weight is dequantized once to float32 and multiplied by ATen's GEMM.
+// bound: the weight is dequantized once to float32 and multiplied by oneDNN's GEMM on it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,7 +28,9 @@
 namespace fuseformer::cpu {
 namespace {
 
-constexpr int64_t kGemvRows = 16;
+// Crossover measured at 2048x2048 (benchmarks/NOTES.md): 8 rows GEMV 0.36 ms, 12 rows 0.78 ms,
+// dequantize + oneDNN 0.64 ms from 11 rows up to 17.
+constexpr int64_t kGemvRows = 10;
 
 struct QuantArgs {
   const float* x;       // (M, K); int4: deinterleaved to x_even | x_odd, (M, K) as 2 (M, K/2)

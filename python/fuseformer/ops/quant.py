@@ -24,8 +24,9 @@ Schemes (``SCHEMES``), round-to-nearest:
 Scales are float32 (N, K / group) (int8: one group of K); zeros uint8 (N, K / group) (int4
 with zero points only). Activations float32 / float16 / bfloat16; accumulation in float32.
 
-Backends: "cpu" (C++: GEMV/GEMM with the dequantization in the inner loop for up to 16 rows,
-vectorized int8/int4 -> float32 conversion, parallel over output rows, csrc/cpu/quant.cpp),
+Backends: "cpu" (C++: GEMV/GEMM with the dequantization in the inner loop for up to 10 rows,
+vectorized int8/int4 -> float32 conversion, parallel over output rows; above, the weight
+dequantized once per call and oneDNN's GEMM; csrc/cpu/quant.cpp),
 "triton" (weight-only GEMM with the dequantization in the main loop, kernels/quant.py), "torch"
 (dequantize, then F.linear: the reference). Inference only: no gradient flows to the
 quantized weight (the input gets one, through the float reference's formula).
