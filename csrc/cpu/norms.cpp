@@ -7,6 +7,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "norms.h"
@@ -66,36 +67,30 @@ FF_VECTORIZE void row_normalize(const float* x, int64_t n, float mean, float rst
   }
 }
 
-// wdy = w * dy (into wdy); returns sum(wdy * xhat) in *dot and sum(wdy) in *total.
-FF_VECTORIZE void block_grad_sums(const float* x, const float* dy, const float* w, int64_t n,
-                                  float mean, float rstd, float* wdy, float* dot, float* total) {
+// Returns sum(w·dy·x̂) in *dot and sum(w·dy) in *total (w = 1 when absent).
+template <bool kW>
+__attribute__((always_inline)) inline void block_grad_sums(const float* __restrict x, const float* __restrict dy,
+                                                           const float* __restrict w, int64_t n, float mean,
+                                                           float rstd, float* dot, float* total) {
   float d = 0.f, t = 0.f;
-  if (w) {
 #pragma omp simd reduction(+ : d, t)
-    for (int64_t i = 0; i < n; ++i) {
-      wdy[i] = w[i] * dy[i];
-      d += wdy[i] * (x[i] - mean) * rstd;
-      t += wdy[i];
-    }
-  } else {
-#pragma omp simd reduction(+ : d, t)
-    for (int64_t i = 0; i < n; ++i) {
-      wdy[i] = dy[i];
-      d += dy[i] * (x[i] - mean) * rstd;
-      t += dy[i];
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const float wdy = kW ? w[i] * dy[i] : dy[i];
+    d += wdy * (x[i] - mean) * rstd;
+    t += wdy;
   }
   *dot = d;
   *total = t;
 }
 
-void row_grad_sums(const float* x, const float* dy, const float* w, int64_t n, float mean,
-                   float rstd, float* wdy, float* dot, float* total) {
+FF_VECTORIZE void row_grad_sums(const float* x, const float* dy, const float* w, int64_t n, float mean, float rstd,
+                                float* dot, float* total) {
   double d = 0.0, t = 0.0;
   for (int64_t i = 0; i < n; i += kSumBlock) {
     float bd, bt;
-    block_grad_sums(x + i, dy + i, w ? w + i : nullptr, std::min(kSumBlock, n - i), mean, rstd,
-                    wdy + i, &bd, &bt);
+    const int64_t len = std::min(kSumBlock, n - i);
+    w ? block_grad_sums<true>(x + i, dy + i, w + i, len, mean, rstd, &bd, &bt)
+      : block_grad_sums<false>(x + i, dy + i, nullptr, len, mean, rstd, &bd, &bt);
     d += bd;
     t += bt;
   }
@@ -103,30 +98,44 @@ void row_grad_sums(const float* x, const float* dy, const float* w, int64_t n, f
   *total = static_cast<float>(t);
 }
 
-// dx = rstd * (wdy - xhat * dot_mean - total_mean) (+ dres); total_mean is 0 for RMSNorm.
-FF_VECTORIZE void row_grad_input(const float* x, const float* wdy, int64_t n, float mean,
-                                 float rstd, float dot_mean, float total_mean,
-                                 const float* dres, float* dx) {
-  if (dres) {
+// One pass: dx = rstd (w·dy − x̂·dot_mean − total_mean) (+ dres), and the parameter gradients
+// dw += dy·x̂, db += dy (total_mean is 0 for RMSNorm).
+template <bool kW, bool kRes, bool kDW, bool kDB>
+__attribute__((always_inline)) inline void grad_row(const float* __restrict x, const float* __restrict dy,
+                                                    const float* __restrict w, int64_t n, float mean, float rstd,
+                                                    float dot_mean, float total_mean, const float* __restrict dres,
+                                                    float* __restrict dx, float* __restrict dw,
+                                                    float* __restrict db) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      dx[i] = rstd * (wdy[i] - (x[i] - mean) * rstd * dot_mean - total_mean) + dres[i];
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      dx[i] = rstd * (wdy[i] - (x[i] - mean) * rstd * dot_mean - total_mean);
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (x[i] - mean) * rstd;
+    const float wdy = kW ? w[i] * dy[i] : dy[i];
+    float g = rstd * (wdy - xhat * dot_mean - total_mean);
+    if constexpr (kRes) g += dres[i];
+    dx[i] = g;
+    if constexpr (kDW) dw[i] += dy[i] * xhat;
+    if constexpr (kDB) db[i] += dy[i];
   }
 }
 
-FF_VECTORIZE void row_accumulate_param_grads(const float* x, const float* dy, int64_t n,
-                                             float mean, float rstd, float* dw, float* db) {
-  if (dw) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dw[i] += dy[i] * (x[i] - mean) * rstd;
-  }
-  if (db) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) db[i] += dy[i];
+FF_VECTORIZE void row_grad_input_and_params(const float* x, const float* dy, const float* w, int64_t n, float mean,
+                                            float rstd, float dot_mean, float total_mean, const float* dres,
+                                            float* dx, float* dw, float* db) {
+  // Weight and bias gradients come together (LayerNorm with both, RMSNorm with its weight).
+  if (w) {
+    if (dres) {
+      db ? grad_row<true, true, true, true>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db)
+         : grad_row<true, true, true, false>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db);
+    } else {
+      db ? grad_row<true, false, true, true>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db)
+         : grad_row<true, false, true, false>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db);
+    }
+  } else if (dres) {
+    db ? grad_row<false, true, false, true>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db)
+       : grad_row<false, true, false, false>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db);
+  } else {
+    db ? grad_row<false, false, false, true>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db)
+       : grad_row<false, false, false, false>(x, dy, w, n, mean, rstd, dot_mean, total_mean, dres, dx, dw, db);
   }
 }
 
@@ -228,23 +237,34 @@ void norm_bwd_kernel(const T* dy, const T* dres, const T* x, const float* w, con
                      int64_t chunks, int64_t rows, int64_t cols, bool rms) {
   // Each chunk of rows owns one row of the dw/db partial sums: no atomics, summed afterwards.
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  // float32 rows are read in place; half rows are converted into float scratch rows once.
+  constexpr bool kFloat = std::is_same_v<T, float>;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> xr(cols), dyr(cols), wdy(cols), dxr(cols), dresr(dres ? cols : 0);
+    std::vector<float> xr(kFloat ? 0 : cols), dyr(kFloat ? 0 : cols), dxr(kFloat ? 0 : cols),
+        dresr(dres && !kFloat ? cols : 0);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       float* dw = dw_partial ? dw_partial + c * cols : nullptr;
       float* db = db_partial ? db_partial + c * cols : nullptr;
       const int64_t row_end = std::min(rows, (c + 1) * rows_per_chunk);
       for (int64_t r = c * rows_per_chunk; r < row_end; ++r) {
-        load_row(x + r * cols, xr.data(), cols);
-        load_row(dy + r * cols, dyr.data(), cols);
-        if (dres) load_row(dres + r * cols, dresr.data(), cols);
+        const float *xp, *dyp, *dresp = nullptr;
+        float* dxp;
+        if constexpr (kFloat) {
+          xp = x + r * cols, dyp = dy + r * cols, dxp = dx + r * cols;
+          if (dres) dresp = dres + r * cols;
+        } else {
+          load_row(x + r * cols, xr.data(), cols);
+          load_row(dy + r * cols, dyr.data(), cols);
+          if (dres) load_row(dres + r * cols, dresr.data(), cols);
+          xp = xr.data(), dyp = dyr.data(), dxp = dxr.data();
+          if (dres) dresp = dresr.data();
+        }
         const float mu = rms ? 0.f : mean[r];
         float dot, total;
-        row_grad_sums(xr.data(), dyr.data(), w, cols, mu, rstd[r], wdy.data(), &dot, &total);
-        row_grad_input(xr.data(), wdy.data(), cols, mu, rstd[r], dot / cols,
-                       rms ? 0.f : total / cols, dres ? dresr.data() : nullptr, dxr.data());
-        store_row(dxr.data(), dx + r * cols, cols);
-        row_accumulate_param_grads(xr.data(), dyr.data(), cols, mu, rstd[r], dw, db);
+        row_grad_sums(xp, dyp, w, cols, mu, rstd[r], &dot, &total);
+        row_grad_input_and_params(xp, dyp, w, cols, mu, rstd[r], dot / cols, rms ? 0.f : total / cols, dresp, dxp,
+                                  dw, db);
+        if constexpr (!kFloat) store_row(dxr.data(), dx + r * cols, cols);
       }
     }
   });

@@ -31,9 +31,11 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # CUDA (benchmarks/results/NVIDIA-H100-80GB-HBM3/norms.md): Triton forward reaches
     # 95-99% of copy bandwidth from N=4096 (1.2-1.6x eager); small rows and forward+backward
     # are host-overhead bound for now (benchmarks/NOTES.md), the C++ CUDA kernels next.
-    # CPU (benchmarks/results/cpu/norms.md): the C++ RMSNorm is 2-6x eager; the C++
-    # LayerNorm is not faster than eager's (0.5-1.1x), so eager stays the CPU default.
-    "layer_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)},
+    # CPU (benchmarks/results/cpu/norms.md): the C++ RMSNorm is 1.3-3.4x eager forward and
+    # 4.2-9.6x forward+backward; the C++ LayerNorm 1.02-1.08x forward and 1.03-1.07x
+    # forward+backward (its backward now one fused pass per row), so both take the kernels;
+    # LayerNorm calls under CPU_LAYER_NORM_MIN_ELEMENTS stay on eager (ops/norms.py).
+    "layer_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Attention (dense and packed): the Triton flash kernels on CUDA (not yet measured on a
     # GPU). On CPU (benchmarks/results/cpu/attention.md) the C++ kernels are 1.1-1.7x SDPA

@@ -224,9 +224,19 @@ def _norm(
     return _run_norm(op, input, residual, normalized_shape, weight, bias, eps, rms)
 
 
+# Unforced CPU LayerNorm calls this small stay on PyTorch's (decode, small models): the C++
+# kernel's op call costs ~2 us more host time than F.layer_norm's, and the 4-layer GPT / BERT
+# of bench models measured no gain below it; on larger inputs the kernel measured 1.02-1.08x
+# eager forward and 1.03-1.07x forward+backward (benchmarks/results/cpu/norms.md).
+CPU_LAYER_NORM_MIN_ELEMENTS = 1 << 17
+
+
 def _run_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
     """The validated call on its backend."""
     backend = backends.resolve("rms_norm" if rms else "layer_norm", input.device)
+    if (backend == "cpu" and not rms and input.numel() < CPU_LAYER_NORM_MIN_ELEMENTS
+            and backends.forced_backend() is None):
+        backend = "torch"
     if backend != "torch" and input.dtype == torch.float64:
         # The kernels are for training/inference dtypes; float64 is the reference's.
         if backends.forced_backend() is not None:
