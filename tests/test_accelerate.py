@@ -78,6 +78,45 @@ def test_conv_activation_pairs():
     assert type(untouched[0]) is torch.nn.Conv2d
 
 
+def test_conv_batchnorm_blocks_fold_in_eval():
+    """Conv2d -> BatchNorm2d (-> act) in a Sequential: one fused convolution with the
+    BatchNorm folded in eval mode, the BatchNorm's batch statistics in training; the same
+    state_dict keys and results as the original in both modes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),  # no activation after
+        torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4, affine=False), torch.nn.SiLU(),
+    )
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    original = copy.deepcopy(model)
+    report = fuseformer.accelerate(model)
+    assert [p for p, *_ in report.replaced] == ["0", "3", "5"]
+    assert model.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    model.eval(), original.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), original(x), rtol=1e-4, atol=1e-5)
+    # Training: batch statistics and the running-statistics updates, as the original.
+    model.train(), original.train()
+    y, y_ref = model(x), original(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, original[1].running_mean)
+    grads = torch.autograd.grad(y.square().sum(), list(model.parameters()))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), list(original.parameters()))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert fuseformer.accelerate(model).replaced == []  # idempotent
+
+
 def test_flags_turn_families_off():
     model = PlainModel()
     fuseformer.accelerate(model, norms=False, mlp=False)

@@ -8,14 +8,16 @@ What it recognises:
               transformers model that dispatches attention through its attention interface
               (GPT-2, BERT, Llama and most others): fuseformer's kernels are registered there
               as "fuseformer" and the model switched to it
-  mlp         Linear -> activation pairs in torch.nn.Sequential (conv: Conv2d -> activation);
+  mlp         Linear -> activation pairs in torch.nn.Sequential (conv: Conv2d -> activation,
+              and Conv2d -> BatchNorm2d (-> activation), BatchNorm folded in eval mode);
               transformers' MLPs of the
               forms act(dense(x)) (BertIntermediate), c_proj(act(c_fc(x))) (GPT2MLP, Conv1D)
               and down_proj(act(gate_proj(x)) * up_proj(x)) (LlamaMLP and its relatives)
   lstm        torch.nn.LSTM (fuseformer.nn.LSTM: the same parameters; afterwards an RNNBase in
               LSTM mode rather than a torch.nn.LSTM, which is what lets it compile); GRU and
               plain RNN are reported and left alone
-  BatchNorm2d is left alone (folding it changes the weights: fuseformer.nn.ConvBNAct does it)
+  A BatchNorm2d that does not follow a Conv2d in a Sequential is left alone (folding it
+  elsewhere would need the model's dataflow).
 
 Swaps are made by changing a module's class to a subclass whose ``forward`` runs the fused
 ops, so attribute names, parameters and buffers stay as they were. The returned
@@ -79,6 +81,50 @@ def _fused_class(base: type, forward, tag: str) -> type:
 
 def _swap_class(module: torch.nn.Module, forward, tag: str) -> None:
     module.__class__ = _fused_class(type(module), forward, tag)
+
+
+# Conv2d -> BatchNorm2d (-> act) in a Sequential, keys kept: the Conv2d runs the fused
+# convolution with the BatchNorm folded in whenever that BatchNorm is in eval mode, and the
+# BatchNorm (and the activation) then pass their input through; in training both run as
+# before (batch statistics), the BatchNorm applying the activation. The Conv2d holds the
+# BatchNorm as a plain attribute, not a submodule: the state_dict stays the Sequential's.
+class _ConvFoldingBatchNorm(torch.nn.Conv2d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bn = self.__dict__["_fuseformer_bn"]
+        if bn.training or self.padding_mode != "zeros":
+            return super().forward(input)
+        return fuseformer.ops.conv2d_bn_act(input, self.weight, self.bias, bn.weight, bn.bias, bn.running_mean,
+                                            bn.running_var, bn.eps, self.stride, self.padding, self.dilation,
+                                            self.groups, bn._fuseformer_activation)
+
+
+class _BatchNormFoldedIntoConv(torch.nn.BatchNorm2d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return input  # folded into the preceding convolution
+        return linear_ops.activation_fn(self._fuseformer_activation)(super().forward(input))
+
+
+def _fold_conv_bn(seq: torch.nn.Sequential, children, i: int, path: str, report: AccelerateReport) -> int:
+    """Conv2d at i, BatchNorm2d at i + 1 and a fusable activation at i + 2 (optional): the
+    number of children consumed, 0 if the pattern does not fit."""
+    (name, conv), (bn_name, bn) = children[i], children[i + 1]
+    if (type(conv) is not torch.nn.Conv2d or type(bn) is not torch.nn.BatchNorm2d or conv.padding_mode != "zeros"
+            or not bn.track_running_stats or bn.num_features != conv.out_channels):
+        return 0
+    act_name, act_module = children[i + 2] if i + 2 < len(children) else (None, None)
+    act = activation_name(act_module) if act_module is not None else None
+    conv.__class__ = _ConvFoldingBatchNorm
+    conv.__dict__["_fuseformer_bn"] = bn
+    bn.__class__ = _BatchNormFoldedIntoConv
+    bn._fuseformer_activation = act or "none"
+    if act is not None:
+        setattr(seq, act_name, torch.nn.Identity())
+    prefix = f"{path}." if path else ""
+    what = f"Conv2d + BatchNorm2d{f' + {type(act_module).__name__}' if act else ''}"
+    report.replaced.append((f"{prefix}{name}", what, f"fused convolution with the BatchNorm folded in eval "
+                                                      f"({act or 'none'!r})"))
+    return 3 if act is not None else 2
 
 
 def _dense_act_forward(self, hidden_states):  # BertIntermediate and relatives
@@ -205,10 +251,10 @@ def accelerate(model: torch.nn.Module, *, norms: bool = True, attention: bool = 
         elif isinstance(module, (torch.nn.GRU, torch.nn.RNN)):
             if lstm:
                 report.left_alone.append((path, cls, "no fused GRU / RNN kernel (fuseformer fuses the LSTM)"))
-        elif isinstance(module, torch.nn.BatchNorm2d):
+        elif isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, _BatchNormFoldedIntoConv):
             if conv:
-                report.left_alone.append((path, cls, "folding BatchNorm would change the weights: build the block "
-                                                     "with fuseformer.nn.ConvBNAct instead"))
+                report.left_alone.append((path, cls, "not after a Conv2d in a Sequential: nothing to fold it into "
+                                                     "(fuseformer.nn.ConvBNAct builds such a block)"))
     return report
 
 
@@ -236,6 +282,10 @@ def _fuse_sequential(seq: torch.nn.Sequential, path: str, report: AccelerateRepo
         fused[torch.nn.Linear] = fuseformer.nn.LinearAct
     if conv:
         fused[torch.nn.Conv2d] = fuseformer.nn.Conv2dAct
+        i = 0
+        while i + 1 < len(children):
+            i += _fold_conv_bn(seq, children, i, path, report) or 1
+        children = list(seq.named_children())
     for (name, layer), (act_name, act_module) in zip(children, children[1:]):
         act = activation_name(act_module)
         new = fused.get(type(layer))
