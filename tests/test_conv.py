@@ -222,6 +222,17 @@ def test_packed_weight_follows_every_kind_of_weight_change():
                 torch.testing.assert_close(out, F.relu(conv(x)), rtol=1e-4, atol=1e-4)
 
 
+def test_inference_takes_weight_views():
+    """A weight that is a view (not cached: its TensorImpl is new at each call) or has any
+    strides takes the CPU inference path all the same."""
+    w = torch.randn(3, 3, 8, 12).permute(3, 2, 0, 1)  # (12, 8, 3, 3), non-contiguous view
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fuseformer.use_backend("cpu"):
+        for _ in range(2):
+            torch.testing.assert_close(fuseformer.ops.conv2d_act(x, w, None, 1, 1), F.relu(F.conv2d(x, w, None, 1, 1)),
+                                       rtol=1e-4, atol=1e-4)
+
+
 def _bn_inputs(device, dtype, k=12, c=8):
     torch.manual_seed(3)
     w = torch.randn(k, c, 3, 3, device=device) / (9 * c) ** 0.5

@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act(const at::Tensor& x, const at::Ten
             ? WeightCache::get({weight}, conv_key(kConvKey, x, stride, padding, dilation, groups, 0), [&] {
                 return std::vector<at::Tensor>{pack_conv_weight(weight, x, stride, padding, dilation, groups)};
               })[0]
-            : weight;
+            : weight.contiguous();
     return {dnnl_conv(x, packed, bias, residual ? *residual : at::Tensor(), stride, padding, dilation, groups, act),
             at::empty({0}, x.options())};
   }
