@@ -224,9 +224,10 @@ def default_backend(family: str, device_type: str) -> str:
 
 def resolve(family: str, device: torch.device) -> str:
     """The backend that runs ``family`` on tensors of ``device`` now."""
-    forced = forced_backend()
+    forced = _forced[-1] if _forced else _env_backend
     if forced is None:
-        return default_backend(family, device.type)
+        choice = _default_choice.get((family, device.type))
+        return choice if choice is not None else default_backend(family, device.type)
     if forced not in IMPLEMENTED[family]:
         raise BackendUnavailableError(
             f"fuseformer {family}: backend {forced!r} was forced but has no {family} kernels; "
