@@ -27,6 +27,8 @@
 #include <limits>
 #include <tuple>
 
+#include "../attention.h"
+
 namespace fuseformer::cuda {
 namespace {
 
@@ -282,34 +284,19 @@ std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q, const a
                                                     double softcap, int64_t window_left, int64_t window_right,
                                                     int64_t num_splits) {
   const char* op = "fuseformer attention_decode (cuda)";
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, op, ": q, k_cache, v_cache must be 4-D");
-  TORCH_CHECK(q.is_cuda() && k_cache.device() == q.device() && v_cache.device() == q.device() &&
-                  seqlens_k.device() == q.device(),
-              op, ": all tensors must be on one CUDA device");
+  const attention::DecodeShape d = attention::check_decode_args(op, q, k_cache, v_cache, seqlens_k, alibi_slopes);
+  const int64_t batch = d.batch, heads = d.heads, n_q = d.n_q, head_dim = d.head_dim, kv_heads = d.kv_heads,
+                max_k = d.max_k;
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor");
   TORCH_CHECK((q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
                   k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               op, ": q and the caches must share a dtype, float16 or bfloat16");
-  const int64_t batch = q.size(0), heads = q.size(1), n_q = q.size(2), head_dim = q.size(3);
-  const int64_t kv_heads = k_cache.size(1), max_k = k_cache.size(2);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == batch && k_cache.size(3) == head_dim, op,
-              ": k_cache and v_cache must be (B, H_kv, L_max, D) with q's B and D");
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, op, ": q's heads must be a multiple of the caches' heads");
   TORCH_CHECK(head_dim % kVec == 0 && head_dim <= kMaxHeadDim, op, ": head dim must be a multiple of 8, at most ",
               kMaxHeadDim, "; got ", head_dim);
   const int64_t groups = heads / kv_heads;
-  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
-              ": q and the caches need a contiguous last dimension");
   TORCH_CHECK(aligned16(k_cache) && aligned16(v_cache), op,
               ": the caches must be 16-byte aligned with strides that are multiples of 8 elements");
-  TORCH_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == batch &&
-                  seqlens_k.is_contiguous(),
-              op, ": seqlens_k must be a contiguous int32 (B,) tensor");
   const at::Tensor slopes = alibi_slopes ? alibi_slopes->contiguous() : at::Tensor();
-  if (alibi_slopes) {
-    TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.device() == q.device() && slopes.size(-1) == heads &&
-                    (slopes.dim() == 1 || (slopes.dim() == 2 && slopes.size(0) == batch)),
-                op, ": alibi_slopes must be float32 (H,) or (B, H) on q's device");
-  }
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({batch, heads, n_q, head_dim}, q.options());
   at::Tensor lse = at::empty({batch, heads, n_q}, q.options().dtype(at::kFloat));
