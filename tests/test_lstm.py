@@ -159,6 +159,8 @@ INFERENCE_CASES = [
     (Config(5, 48, batch=7, steps=6), [6, 6, 5, 3, 3, 2, 1], "padded"),  # two row tiles, sorted
     (Config(6, 64, layers=2, batch=6, steps=5, hx=False), [2, 5, 1, 5, 3, 4], "padded"),  # unsorted
     (Config(4, 16, bidirectional=True, batch=5, steps=4), [4, 4, 3, 2, 1], "packed"),
+    (Config(6, 32, batch=16, steps=4), None, "plain"),  # four row tiles
+    (Config(5, 16, batch=14, steps=5), [5, 1, 4, 2, 5, 3, 1, 2, 4, 5, 3, 2, 1, 4], "padded"),
 ]
 
 
@@ -314,13 +316,14 @@ def test_dropout_between_layers(backend, device):
     (dict(batch=4, lengths=True), "torch"), (dict(batch=8, lengths=True, dtype=torch.bfloat16), "torch"),
     (dict(batch=2, hidden=384), "cpu"), (dict(batch=8, hidden=384), "torch"),
     (dict(batch=2, hidden=32, no_grad=True), "cpu"), (dict(batch=2, hidden=32), "torch"),
-    (dict(batch=2, hidden=30, no_grad=True), "torch"),
+    (dict(batch=2, hidden=30, no_grad=True), "torch"), (dict(batch=16, hidden=32, no_grad=True), "cpu"),
+    (dict(batch=17, hidden=32, no_grad=True), "torch"),
 ])
 def test_cpu_default_routes_by_measurement(monkeypatch, case, expected):
     """Unforced CPU calls take the C++ kernels where they measured faster than torch.nn.LSTM
-    (variable lengths, projections from batch 8; batches under 8 from hidden 384, or in
-    inference with hidden a multiple of 16; float32) and torch's LSTM elsewhere; both give
-    torch.nn.LSTM's result."""
+    (variable lengths, projections from batch 8; batches under 8 from hidden 384; batches up
+    to 16 in inference with hidden a multiple of 16; float32) and torch's LSTM elsewhere; both
+    give torch.nn.LSTM's result."""
     lstm_ops = importlib.import_module("fuseformer.ops.lstm")  # the module (fuseformer.ops.lstm is the function)
     used = []
     original = lstm_ops._layer_fwd_op

@@ -289,21 +289,26 @@ def lstm(
 # per-step GEMMs do not reach from 8 rows (0.5-1.2x), and half dtypes in oneDNN's bf16
 # kernels; it falls back to its per-step ATen path for variable lengths (packed) and for
 # proj_size, where ours measured 1.6-2.7x (variable lengths) and 1.3-1.7x (projection).
-# Below 8 rows: in inference without a projection, hidden sizes that are multiples of 16 run
+# Up to 16 rows in inference without a projection, hidden sizes that are multiples of 16 run
 # the C++ small-batch loop (one pass per step with the gates in registers: 1.1-3.8x torch at
-# hidden 32-1024, batch 1-6); otherwise the recurrent GEMM is the AVX-512 small-row kernel
-# (csrc/cpu/gemv.cpp: 1.2-2.4x from hidden 384, 0.7-0.9x at 256 with gradients).
+# hidden 32-1024, batch 1-6; 1.06-2.28x at batch 8-16); below 8 rows with gradients the
+# recurrent GEMM is the AVX-512 small-row kernel (csrc/cpu/gemv.cpp: 1.2-2.4x from hidden
+# 384, 0.7-0.9x at 256).
 CPU_KERNEL_MIN_BATCH = 8
 CPU_SMALL_BATCH_MIN_HIDDEN = 384
+
+
+CPU_SMALL_BATCH_LOOP_MAX = 16  # csrc/cpu/lstm.cpp kSmallBatchMax
 
 
 def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengths: bool, projected: bool,
                      needs_grad: bool) -> bool:
     if dtype != torch.float32:
         return False
+    if batch <= CPU_SMALL_BATCH_LOOP_MAX and not needs_grad and not projected and hidden % 16 == 0:
+        return True  # the small-batch loop
     if batch < CPU_KERNEL_MIN_BATCH:
-        small_batch_loop = not needs_grad and not projected and hidden % 16 == 0
-        return small_batch_loop or hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
+        return hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
     return variable_lengths or projected
 
 
