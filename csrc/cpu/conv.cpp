@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "gemm.h"
 #include "vectorize.h"
 #include "weight_cache.h"
 
@@ -130,25 +131,17 @@ std::vector<int64_t> conv_output_shape(const at::Tensor& x, const at::Tensor& we
   return shape;
 }
 
+void check_residual_shape(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& x,
+                          const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  TORCH_CHECK(!residual || residual->sizes() == at::IntArrayRef(conv_output_shape(x, weight, stride, padding, dilation)),
+              op, ": residual must have the output's shape");
+}
+
 // ---- the oneDNN path (inference) ----------------------------------------------------------
 
-struct DnnlConvOps {
-  std::optional<c10::OperatorHandle> reorder, unary, binary;
-  bool ok = false;
-};
-
-const DnnlConvOps& dnnl_conv_ops() {
-  static const DnnlConvOps ops = [] {
-    auto& dispatcher = c10::Dispatcher::singleton();
-    DnnlConvOps o;
-    o.reorder = dispatcher.findOp({"mkldnn::_reorder_convolution_weight", ""});
-    o.unary = dispatcher.findOp({"mkldnn::_convolution_pointwise", ""});
-    o.binary = dispatcher.findOp({"mkldnn::_convolution_pointwise", "binary"});
-    o.ok = o.reorder && o.unary && o.binary && at::hasMKLDNN() &&
-           o.unary->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
-           o.binary->hasKernelForDispatchKey(c10::DispatchKey::CPU);
-    return o;
-  }();
+const DnnlOps& dnnl_conv_ops() {
+  static const DnnlOps ops = DnnlOps::find("mkldnn::_reorder_convolution_weight", "mkldnn::_convolution_pointwise");
   return ops;
 }
 
@@ -261,9 +254,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act(const at::Tensor& x, const at::Ten
               op, ": weight, bias and residual must have x's dtype ", dtype);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()), op);
   if (dnnl_conv_usable(x, weight, act, residual.has_value(), save)) {
-    TORCH_CHECK(!residual || residual->sizes() == at::IntArrayRef(conv_output_shape(x, weight, stride, padding,
-                                                                                    dilation)),
-                op, ": residual must have the output's shape");
+    check_residual_shape(op, residual, x, weight, stride, padding, dilation);
     const at::Tensor packed =
         cache_weight && WeightCache::cacheable(weight)
             ? WeightCache::get({weight}, conv_key(kConvKey, x, stride, padding, dilation, groups, 0), [&] {
@@ -320,9 +311,7 @@ at::Tensor conv2d_bn_act_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
                                  (!bn_bias || WeightCache::cacheable(*bn_bias)) &&
                                  WeightCache::cacheable(running_mean) && WeightCache::cacheable(running_var);
   if (dnnl_conv_usable(x, weight, act, residual.has_value(), false) && sources_cacheable) {
-    TORCH_CHECK(!residual || residual->sizes() == at::IntArrayRef(conv_output_shape(x, weight, stride, padding,
-                                                                                    dilation)),
-                op, ": residual must have the output's shape");
+    check_residual_shape(op, residual, x, weight, stride, padding, dilation);
     const auto derived = WeightCache::get(
         {weight, bias ? *bias : at::Tensor(), bn_weight ? *bn_weight : at::Tensor(), bn_bias ? *bn_bias : at::Tensor(),
          running_mean, running_var},

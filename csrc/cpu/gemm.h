@@ -27,6 +27,25 @@ std::optional<at::Tensor> small_rows_linear(const at::Tensor& x, const at::Tenso
                                             const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& addend = std::nullopt);
 
+// An op family of the oneDNN torch bundles: the weight reorder and the fused op's unary and
+// binary overloads, looked up once; ok when all three have CPU kernels here.
+struct DnnlOps {
+  std::optional<c10::OperatorHandle> reorder, unary, binary;
+  bool ok = false;
+
+  static DnnlOps find(const char* reorder_name, const char* pointwise_name) {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    DnnlOps o;
+    o.reorder = dispatcher.findOp({reorder_name, ""});
+    o.unary = dispatcher.findOp({pointwise_name, ""});
+    o.binary = dispatcher.findOp({pointwise_name, "binary"});
+    o.ok = o.reorder && o.unary && o.binary && at::hasMKLDNN() &&
+           o.unary->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
+           o.binary->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+    return o;
+  }
+};
+
 class PackedLinear {
  public:
   // From this many rows per GEMM oneDNN wins (measured crossover between batch 1 and 8).
@@ -70,7 +89,7 @@ class PackedLinear {
       if (addend) return at::addmm(*addend, x, weight_.t());
       return bias ? at::addmm(*bias, x, weight_.t()) : at::mm(x, weight_.t());
     }
-    const Ops& ops = dnnl_ops();
+    const DnnlOps& ops = dnnl_ops();
     if (addend) {
       torch::jit::Stack stack{x.contiguous(), addend->contiguous(), packed_, c10::IValue(), c10::IValue("add")};
       ops.binary->callBoxed(&stack);
@@ -84,22 +103,8 @@ class PackedLinear {
   }
 
  private:
-  struct Ops {
-    std::optional<c10::OperatorHandle> reorder, unary, binary;
-    bool ok = false;
-  };
-  static const Ops& dnnl_ops() {
-    static const Ops ops = [] {
-      auto& dispatcher = c10::Dispatcher::singleton();
-      Ops o;
-      o.reorder = dispatcher.findOp({"mkldnn::_reorder_linear_weight", ""});
-      o.unary = dispatcher.findOp({"mkldnn::_linear_pointwise", ""});
-      o.binary = dispatcher.findOp({"mkldnn::_linear_pointwise", "binary"});
-      o.ok = o.reorder && o.unary && o.binary && at::hasMKLDNN() &&
-             o.unary->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
-             o.binary->hasKernelForDispatchKey(c10::DispatchKey::CPU);
-      return o;
-    }();
+  static const DnnlOps& dnnl_ops() {
+    static const DnnlOps ops = DnnlOps::find("mkldnn::_reorder_linear_weight", "mkldnn::_linear_pointwise");
     return ops;
   }
 

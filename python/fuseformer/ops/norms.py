@@ -193,8 +193,7 @@ def _norm(
     rms: bool,
 ) -> tuple[Tensor, Tensor | None]:
     if _plainly_valid(input, residual, normalized_shape, weight, bias, eps):
-        if (not rms and input.is_cpu and input.numel() < CPU_LAYER_NORM_MIN_ELEMENTS
-                and backends.forced_backend() is None):
+        if _small_cpu_layer_norm(input, rms):
             # Small CPU LayerNorm (decode): straight to the "torch" route, without its frames.
             summed = input + residual if residual is not None else input
             return F.layer_norm(summed, normalized_shape, weight, bias, eps), (summed if residual is not None else None)
@@ -236,11 +235,16 @@ def _norm(
 CPU_LAYER_NORM_MIN_ELEMENTS = 1 << 17
 
 
+def _small_cpu_layer_norm(input, rms: bool) -> bool:
+    """An unforced CPU LayerNorm below CPU_LAYER_NORM_MIN_ELEMENTS: PyTorch's call runs it."""
+    return (not rms and input.is_cpu and input.numel() < CPU_LAYER_NORM_MIN_ELEMENTS
+            and backends.forced_backend() is None)
+
+
 def _run_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
     """The validated call on its backend."""
-    forced = backends.forced_backend()
     backend = backends.resolve("rms_norm" if rms else "layer_norm", input.device)
-    if forced is None and backend == "cpu" and not rms and input.numel() < CPU_LAYER_NORM_MIN_ELEMENTS:
+    if backend == "cpu" and _small_cpu_layer_norm(input, rms):
         backend = "torch"
     if backend != "torch" and input.dtype == torch.float64:
         # The kernels are for training/inference dtypes; float64 is the reference's.
