@@ -47,14 +47,15 @@ TORCH_LIBRARY(fuseformer, m) {
       "int num_splits) -> (Tensor out, Tensor lse)");
 
   // ---- linear: act(x Wᵀ + b), and gated act(x Wgᵀ + bg) * (x Wuᵀ + bu) when weight_up is given ----
-  // x (M, K), weight / weight_up (N, K) (any strides), biases (N,), all one dtype.
+  // x (..., K) as F.linear's (the Triton op: (M, K)), weight / weight_up (N, K) (any strides),
+  // biases (N,), all one dtype; out, saved and saved2 are (..., N).
   // activation: none | relu | gelu | gelu_tanh | silu | relu2. save: keep what the backward
   // reads (saved = act'(z); gated: saved = act(zg), saved2 = zu·act'(zg)), each (M, N) in x's
   // dtype; empty tensors when not saved or not needed (no activation, not gated).
   m.def(
       "linear_fwd(Tensor x, Tensor weight, Tensor? weight_up, Tensor? bias, Tensor? bias_up, str activation, "
       "bool save) -> (Tensor out, Tensor saved, Tensor saved2)");
-  // grad_x is empty unless needs_input_grad; the weight and bias gradients are empty unless
+  // grad_out (..., N) and x (..., K) as in the forward; grad_x is empty unless needs_input_grad; the weight and bias gradients are empty unless
   // needs_weight_grad (a bias gradient also unless that bias exists). Bias gradients are
   // float32 (the caller casts them to the bias dtype).
   m.def(

@@ -241,6 +241,58 @@ def test_opcheck(backend, device):
         )
 
 
+CPP_PAIRS = [(b, d) for b, d in PAIRS if b in ("cpu", "cuda")]
+
+
+@pytest.mark.parametrize("backend,device", CPP_PAIRS, ids=[f"{b}-{d}" for b, d in CPP_PAIRS])
+@pytest.mark.parametrize("x_shape", [(2, 3, 12), (12,), (2, 0, 12)], ids=["3d", "1d", "empty-rows"])
+def test_cpp_op_takes_leading_dims(backend, device, x_shape):
+    # The C++ op takes x (..., K) itself (no reshape in Python): the same numbers as its
+    # 2-D call on the flattened rows, outputs under x's leading dims, forward and backward.
+    fwd, bwd = _op_names(backend)
+    for gated, activation in ((False, "gelu"), (True, "silu")):
+        x, *rest = (t.detach() for t in make_inputs(x_shape, 10, torch.float32, device, gated))
+        weight, weight_up = rest[0], (rest[1] if gated else None)
+        bias, bias_up = (rest[2], rest[3]) if gated else (rest[1], None)
+        args = (x, weight, weight_up, bias, bias_up, activation, True)
+        torch.library.opcheck(fwd, args)
+        out, saved, saved2 = fwd(*args)
+        rows = x.reshape(-1, 12)
+        out2, saved_2d, saved2_2d = fwd(rows, *args[1:])
+        assert out.shape == (*x_shape[:-1], 10) and saved.shape == out.shape
+        torch.testing.assert_close(out.reshape(-1, 10), out2, rtol=0, atol=0)
+        torch.testing.assert_close(saved.reshape(-1, 10), saved_2d, rtol=0, atol=0)
+        grad = torch.randn(out.shape, device=device)
+        bwd_args = (grad, x, weight, weight_up, saved, saved2, activation, True, gated, True, True)
+        torch.library.opcheck(bwd, bwd_args)
+        grads = bwd(*bwd_args)
+        grads_2d = bwd(grad.reshape(-1, 10), rows, weight, weight_up, saved_2d, saved2_2d, *bwd_args[6:])
+        assert grads[0].shape == x.shape
+        torch.testing.assert_close(grads[0].reshape(-1, 12), grads_2d[0], rtol=0, atol=0)
+        for got, want in zip(grads[1:], grads_2d[1:]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+
+@pytest.mark.parametrize("backend,device", CPP_PAIRS, ids=[f"{b}-{d}" for b, d in CPP_PAIRS])
+def test_cpp_autograd_skipped_only_when_untracked(backend, device):
+    # The C++ autograd kernel calls the op straight through when nothing needs a gradient
+    # (csrc/autograd/untracked.h); gradients and forward-mode tangents must still be seen.
+    import torch.autograd.forward_ad as fwAD
+
+    x, weight, bias = make_inputs((5, 8), 6, torch.float32, device, gated=False)
+    with fuseformer.use_backend(backend):
+        with torch.no_grad():
+            assert fuseformer.ops.linear_act(x, weight, bias, "gelu").grad_fn is None
+        frozen = fuseformer.ops.linear_act(x.detach(), weight.detach(), bias.detach(), "gelu")
+        assert frozen.grad_fn is None and not frozen.requires_grad
+        y = fuseformer.ops.linear_act(x.detach(), weight, None, "gelu")  # only the weight is tracked
+        assert y.requires_grad
+        y.sum().backward()
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+            fuseformer.ops.linear_act(fwAD.make_dual(x.detach(), torch.ones_like(x)), weight.detach(), None, "gelu")
+
 # ---- modules ------------------------------------------------------------------------------
 
 

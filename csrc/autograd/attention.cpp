@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "untracked.h"
+
 #include <optional>
 #include <tuple>
 
@@ -82,6 +84,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(const at::Tensor& q, c
                                                           const OptTensor& slopes, const OptTensor& seqlens_k,
                                                           double scale, double softcap, int64_t window_left,
                                                           int64_t window_right, bool lower_right) {
+  if (untracked(q, k, v, mask, slopes)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_attention_fwd(q, k, v, mask, slopes, seqlens_k, scale, softcap, window_left, window_right,
+                              lower_right);
+  }
   auto outs = AttentionFunction::apply(q, k, v, mask, slopes, seqlens_k, scale, softcap, window_left, window_right,
                                        lower_right);
   return {outs[0], outs[1]};

@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "untracked.h"
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -96,6 +98,10 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 Tensor3 linear_fwd_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& weight_up,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_up,
                             c10::string_view activation, bool save) {
+  if (untracked(x, weight, weight_up, bias, bias_up)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_linear_fwd(x, weight, weight_up, bias, bias_up, activation, save);
+  }
   auto outs = LinearFunction::apply(x, weight, weight_up, bias, bias_up, activation, save);
   return {outs[0], outs[1], outs[2]};
 }

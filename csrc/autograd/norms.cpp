@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "untracked.h"
+
 #include <optional>
 #include <tuple>
 
@@ -80,6 +82,10 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
+  if (untracked(input, residual, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_norm_fwd(input, residual, weight, bias, eps, rms);
+  }
   auto outs = NormFunction::apply(input, residual, weight, bias, eps, rms);
   return {outs[0], outs[1], outs[2], outs[3]};
 }

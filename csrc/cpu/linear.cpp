@@ -190,6 +190,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& 
                                                                const std::optional<at::Tensor>& bias,
                                                                const std::optional<at::Tensor>& bias_up,
                                                                c10::string_view activation, bool save) {
+  if (x.dim() != 2) {
+    return linear::fwd_on_rows(x, [&](const at::Tensor& rows) {
+      return linear_fwd_cpu(rows, weight, weight_up, bias, bias_up, activation, save);
+    });
+  }
   linear::check_fwd_args(x, weight, weight_up, bias, bias_up);
   const Activation act = linear::parse_activation(std::string_view(activation.data(), activation.size()));
   const bool gated = weight_up.has_value();
@@ -283,6 +288,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& weight_up, const at::Tensor& saved, const at::Tensor& saved2,
     c10::string_view activation, bool has_bias, bool has_bias_up, bool needs_input_grad, bool needs_weight_grad) {
+  if (x.dim() != 2) {
+    return linear::bwd_on_rows(grad_out, x, saved, saved2, [&](const at::Tensor& g, const at::Tensor& rows,
+                                                               const at::Tensor& s, const at::Tensor& s2) {
+      return linear_bwd_cpu(g, rows, weight, weight_up, s, s2, activation, has_bias, has_bias_up, needs_input_grad,
+                            needs_weight_grad);
+    });
+  }
   const auto d = linear::check_fwd_args(x, weight, weight_up, std::nullopt, std::nullopt);
   const Activation act = linear::parse_activation(std::string_view(activation.data(), activation.size()));
   const bool gated = weight_up.has_value();

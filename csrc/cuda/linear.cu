@@ -279,6 +279,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor&
                                                                 const std::optional<at::Tensor>& bias_in,
                                                                 const std::optional<at::Tensor>& bias_up_in,
                                                                 c10::string_view activation, bool save) {
+  if (x_in.dim() != 2) {
+    return linear::fwd_on_rows(x_in, [&](const at::Tensor& rows) {
+      return linear_fwd_cuda(rows, weight_in, weight_up_in, bias_in, bias_up_in, activation, save);
+    });
+  }
   linear::check_fwd_args(x_in, weight_in, weight_up_in, bias_in, bias_up_in);
   const Activation act = linear::parse_activation(std::string_view(activation.data(), activation.size()));
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -362,6 +367,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
     const std::optional<at::Tensor>& weight_up, const at::Tensor& saved, const at::Tensor& saved2,
     c10::string_view activation, bool has_bias, bool has_bias_up, bool needs_input_grad, bool needs_weight_grad) {
+  if (x_in.dim() != 2) {
+    return linear::bwd_on_rows(grad_out, x_in, saved, saved2, [&](const at::Tensor& g, const at::Tensor& rows,
+                                                                  const at::Tensor& s, const at::Tensor& s2) {
+      return linear_bwd_cuda(g, rows, weight, weight_up, s, s2, activation, has_bias, has_bias_up, needs_input_grad,
+                             needs_weight_grad);
+    });
+  }
   const auto d = linear::check_fwd_args(x_in, weight, weight_up, std::nullopt, std::nullopt);
   const Activation act = linear::parse_activation(std::string_view(activation.data(), activation.size()));
   const c10::cuda::CUDAGuard guard(x_in.device());

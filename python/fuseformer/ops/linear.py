@@ -98,12 +98,12 @@ def _triton_linear_bwd(
 
 
 def _linear_fwd_fake(x, weight, weight_up, bias, bias_up, activation, save):
-    m, n = x.shape[0], weight.shape[0]
-    out = x.new_empty((m, n))
+    shape = (*x.shape[:-1], weight.shape[0])  # the C++ op takes x (..., K); the Triton op (M, K)
+    out = x.new_empty(shape)
     gated = weight_up is not None
     save_factor = save and (gated or activation != "none")
-    saved = x.new_empty((m, n)) if save_factor else x.new_empty(0)
-    saved2 = x.new_empty((m, n)) if save_factor and gated else x.new_empty(0)
+    saved = x.new_empty(shape) if save_factor else x.new_empty(0)
+    saved2 = x.new_empty(shape) if save_factor and gated else x.new_empty(0)
     return out, saved, saved2
 
 
@@ -157,12 +157,6 @@ if _extension.loaded():
     torch.library.register_fake("fuseformer::linear_fwd")(_linear_fwd_fake)
     torch.library.register_fake("fuseformer::linear_bwd")(_linear_bwd_fake)
     # The C++ op's autograd is registered in C++ (csrc/autograd/linear.cpp).
-
-
-def _fwd_op(backend: str):
-    if backend == "triton":
-        return torch.ops.fuseformer.triton_linear_fwd.default
-    return torch.ops.fuseformer.linear_fwd.default  # "cpu" and "cuda": dispatch by device
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -222,29 +216,38 @@ def _autocast(tensors: list[Tensor | None], device: torch.device) -> list[Tensor
 # Below this many rows (decode) half-precision CPU calls stay on PyTorch's call: the C++
 # kernels' GEMM would be ATen's too, and PyTorch's call costs less host time. float32 takes
 # the C++ kernels' AVX-512 small-row GEMM (csrc/cpu/gemv.cpp: 1.3-4.7x ATen's at 1-7 rows)
-# from weights of CPU_SMALL_ROWS_MIN_WEIGHT elements; below that the op call's ~2 us of host
-# time over F.linear's outweighs the GEMM (256x256: 6.5 vs 4.4 us; 256x768: 8.4 vs 10.9 us).
+# from weights of CPU_SMALL_ROWS_MIN_WEIGHT elements; below that the call's ~1 us of host
+# time over F.linear's outweighs the GEMM (1-row module calls, 2 threads: 128x256 8.3 vs
+# 7.5 us; 256x256 8.85 vs 9.0; 384x256 9.5 vs 10.8; 256x512 9.9 vs 12.1).
 CPU_KERNEL_MIN_ROWS = 8
-CPU_SMALL_ROWS_MIN_WEIGHT = 1 << 17
+CPU_SMALL_ROWS_MIN_WEIGHT = 1 << 16
+
+
+_PARAM_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _same_device(t: Tensor, x: Tensor) -> bool:
+    return t.is_cpu if x.is_cpu else t.device == x.device
 
 
 def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
-    """The common case in a few comparisons (host time per call matters at decode); anything
-    else goes through _check_args, which explains what is wrong or accepts it."""
-    if type(x) is not Tensor or type(weight) is not torch.nn.Parameter and type(weight) is not Tensor:
+    """The common case in a few comparisons (host time per call matters at decode: dtypes
+    are singletons, CPU tensors share one device); anything else goes through _check_args,
+    which explains what is wrong or accepts it."""
+    if type(weight) not in _PARAM_TYPES or weight.dim() != 2 or x.dim() < 1:
         return False
-    dtype, device = x.dtype, x.device
-    if dtype not in _checks.FLOAT_DTYPES or weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
+    dtype = x.dtype
+    if (weight.dtype is not dtype or dtype not in _checks.FLOAT_DTYPES or weight.shape[1] != x.shape[-1]
+            or not _same_device(weight, x)):
         return False
-    if weight.dtype != dtype or weight.device != device:
-        return False
-    if bias is not None and (type(bias) is not torch.nn.Parameter and type(bias) is not Tensor or bias.dtype != dtype
-                             or bias.shape != weight.shape[:1] or bias.device != device):
+    n = weight.shape[0]
+    if bias is not None and (type(bias) not in _PARAM_TYPES or bias.dtype is not dtype or bias.dim() != 1
+                             or bias.shape[0] != n or not _same_device(bias, x)):
         return False
     if weight_up is None and bias_up is None:
         return True
     for t, shape in ((weight_up, weight.shape), (bias_up, weight.shape[:1])):
-        if t is not None and (not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype or t.device != device):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype or t.device != x.device):
             return False
     return True
 
@@ -255,7 +258,7 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
         _check_activation(activation, op)
     if type(x) is not Tensor:
         _checks.tensor(x, "x", op)
-    device_type = x.device.type
+    device_type = "cpu" if x.is_cpu else x.device.type
     if torch.is_autocast_enabled(device_type):
         x, weight, weight_up, bias, bias_up = _autocast([x, weight, weight_up, bias, bias_up], x.device)
     if not _plainly_valid(x, weight, weight_up, bias, bias_up):
@@ -270,25 +273,28 @@ def _run(op: str, x: Tensor, weight: Tensor, weight_up: Tensor | None, bias: Ten
             if activation == "none" and weight_up is None and device_type == "cuda":
                 backend = "torch"  # nothing to fuse: cuBLAS (backends.DEFAULTS)
         elif backend == "cpu" and x.numel() < CPU_KERNEL_MIN_ROWS * x.shape[-1] and (
-                x.dtype != torch.float32 or weight.numel() < CPU_SMALL_ROWS_MIN_WEIGHT):
+                x.dtype is not torch.float32 or weight.numel() < CPU_SMALL_ROWS_MIN_WEIGHT):
             backend = "torch"  # decode-sized: see CPU_KERNEL_MIN_ROWS
     else:
         backend = backends.resolve("linear", x.device)
-    if backend != "torch" and x.dtype == torch.float64:
+    if backend == "torch":
+        return _torch_linear(x, weight, weight_up, bias, bias_up, activation)
+    if x.dtype is torch.float64:
         if forced is not None:
             raise TypeError(
                 f"{op}: the {backend!r} backend takes float32, float16 or bfloat16 input, got "
                 'float64 (float64 runs on the "torch" backend)'
             )
-        backend = "torch"
-    if backend == "torch" or x.numel() == 0 or weight.numel() == 0:
+        return _torch_linear(x, weight, weight_up, bias, bias_up, activation)
+    if x.numel() == 0 or weight.numel() == 0:
         # Empty problems have nothing to fuse; PyTorch's ops give their exact semantics.
         return _torch_linear(x, weight, weight_up, bias, bias_up, activation)
     save = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or any(
         t is not None and t.requires_grad for t in (weight_up, bias, bias_up)))
-    k = x.shape[-1]
-    out, _saved, _saved2 = _fwd_op(backend)(
-        x.reshape(-1, k) if x.dim() != 2 else x, weight, weight_up, bias, bias_up, activation, save
+    if backend != "triton":  # the C++ op takes x (..., K) itself
+        return torch.ops.fuseformer.linear_fwd.default(x, weight, weight_up, bias, bias_up, activation, save)[0]
+    out, _saved, _saved2 = torch.ops.fuseformer.triton_linear_fwd.default(
+        x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x, weight, weight_up, bias, bias_up, activation, save
     )
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 

@@ -167,19 +167,21 @@ def _check_param(param, name, input, normalized_shape, op):
 
 def _plainly_valid(input, residual, normalized_shape, weight, bias, eps) -> bool:
     """The common case (a module's own parameters, one dtype and device) in a few comparisons:
-    host time per call matters at decode. Anything else takes the checks that explain it."""
+    host time per call matters at decode (dtypes are singletons; CPU tensors share one
+    device). Anything else takes the checks that explain it."""
     if type(input) is not Tensor or type(normalized_shape) is not tuple or len(normalized_shape) != 1:
         return False
-    dtype, device = input.dtype, input.device
-    if dtype not in _checks.FLOAT_DTYPES or input.dim() < 1 or input.shape[-1] != normalized_shape[0]:
+    dtype, n, cpu = input.dtype, normalized_shape[0], input.is_cpu
+    if dtype not in _checks.FLOAT_DTYPES or input.dim() < 1 or input.shape[-1] != n:
         return False
     if type(eps) is not float or not 0.0 <= eps < math.inf:
         return False
     for t in (weight, bias):
-        if t is not None and (t.dtype != dtype or t.shape != normalized_shape or t.device != device):
+        if t is not None and (t.dtype is not dtype or t.dim() != 1 or t.shape[0] != n
+                              or not (t.is_cpu if cpu else t.device == input.device)):
             return False
-    return residual is None or (type(residual) is Tensor and residual.shape == input.shape
-                                and residual.dtype == dtype and residual.device == device)
+    return residual is None or (type(residual) is Tensor and residual.dtype is dtype and residual.shape == input.shape
+                                and (residual.is_cpu if cpu else residual.device == input.device))
 
 
 def _norm(
@@ -194,9 +196,10 @@ def _norm(
 ) -> tuple[Tensor, Tensor | None]:
     if _plainly_valid(input, residual, normalized_shape, weight, bias, eps):
         if _small_cpu_layer_norm(input, rms):
-            # Small CPU LayerNorm (decode): straight to the "torch" route, without its frames.
+            # Small CPU LayerNorm (decode): straight to ATen's op (F.layer_norm without its
+            # Python frame; the arguments are plain tensors, checked above).
             summed = input + residual if residual is not None else input
-            return F.layer_norm(summed, normalized_shape, weight, bias, eps), (summed if residual is not None else None)
+            return torch.layer_norm(summed, normalized_shape, weight, bias, eps), (summed if residual is not None else None)
         return _run_norm(op, input, residual, normalized_shape, weight, bias, eps, rms)
     _checks.tensor(input, "input", op)
     _checks.float_dtype(input, "input", op, allowed=(*_checks.FLOAT_DTYPES, torch.float64))
