@@ -123,6 +123,8 @@ class AtenLinear {
     if (addend) return at::addmm(*addend, x, weight_.t());
     return bias ? at::addmm(*bias, x, weight_.t()) : at::mm(x, weight_.t());
   }
+  // dzᵀ x: a weight gradient, (N, K) from dz (M, N) and x (M, K).
+  static at::Tensor weight_grad(const at::Tensor& dz, const at::Tensor& x) { return at::mm(dz.t(), x); }
 
  private:
   at::Tensor weight_;
@@ -293,10 +295,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // The input and weight gradients, one GEMM each over every step's rows.
   at::Tensor grad_x =
       needs_input_grad ? Device::Linear::transposed(w_ih, rows, /*cached=*/true)(dgates) : at::empty({0}, opts);
-  at::Tensor grad_w_ih = at::mm(dgates.t(), x);
+  at::Tensor grad_w_ih = Device::Linear::weight_grad(dgates, x);
   at::Tensor grad_bias = has_bias ? dgates.sum(0, false, at::kFloat).to(dtype) : at::empty({0}, opts);
-  at::Tensor grad_w_hh = at::mm(dgates.t(), h_prev);
-  at::Tensor grad_w_hr = w_hr ? at::mm(dh_all.t(), h_raw_all) : at::empty({0}, opts);
+  at::Tensor grad_w_hh = Device::Linear::weight_grad(dgates, h_prev);
+  at::Tensor grad_w_hr = w_hr ? Device::Linear::weight_grad(dh_all, h_raw_all) : at::empty({0}, opts);
   return {grad_x, grad_w_ih, grad_bias, dh_run, dc_run.to(dtype), grad_w_hh, grad_w_hr};
 }
 

@@ -164,6 +164,19 @@ INFERENCE_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("case", range(len(INFERENCE_CASES)))
+def test_small_batch_training_matches_reference(backend, device, case):
+    """The same shapes with gradients: on the CPU the small-batch loop also runs the training
+    forward (writing the gates and cells the backward reads); outputs, states, all gradients."""
+    cfg, lengths, form = INFERENCE_CASES[case]
+    kwargs = {}
+    if lengths is not None:
+        kwargs = dict(lengths=torch.tensor(lengths), enforce_sorted=False, packed_input=form == "packed")
+    check_against_reference(cfg, backend, device, torch.float32, **kwargs)
+
+
 @pytest.mark.parametrize("case", range(len(INFERENCE_CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

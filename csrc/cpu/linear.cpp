@@ -339,8 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
   }
   at::Tensor grad_w = empty(), grad_w2 = empty();
   if (needs_weight_grad) {
-    grad_w = at::mm(dzs[0].t(), x);
-    if (gated) grad_w2 = at::mm(dzs[1].t(), x);
+    grad_w = PackedLinear::weight_grad(dzs[0], x);
+    if (gated) grad_w2 = PackedLinear::weight_grad(dzs[1], x);
   }
   auto bias_out = [&](size_t o) { return o < bias_grads.size() && bias_grads[o].defined() ? bias_grads[o] : empty(); };
   return {grad_x, grad_w, grad_w2, bias_out(0), bias_out(1)};

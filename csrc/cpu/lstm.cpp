@@ -4,12 +4,13 @@
 // step is a dozen ATen ops and as many passes over the gates). float32: the caller upcasts
 // half inputs (python/fuseformer/ops/lstm.py).
 //
-// Small batches in inference (1-16 rows, no projection, AVX-512) take a loop of their own
+// Small batches (1-16 rows, no projection, AVX-512) take a forward loop of their own
 // (small_batch_layer_fwd below): one parallel pass per step in which each thread owns blocks
 // of 16 hidden units, computes their four gates for every row from a copy of W_hh interleaved
 // so that one 256-byte run per k holds the block's four gate columns (no horizontal sums), and
 // applies the cell to them in registers: one fork/join per step instead of the GEMM's and the
-// cell's, and the gates never reach memory.
+// cell's. In inference the gates never reach memory; in training the same pass writes the
+// activated gates and the cell the backward (csrc/lstm.h) reads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -149,7 +150,7 @@ struct CpuCells {
   }
 };
 
-// ---- small batches, inference ------------------------------------------------------------
+// ---- small batches ------------------------------------------------------------
 
 #if defined(__x86_64__) && defined(__GNUC__)
 constexpr int64_t kUnits = 16;         // hidden units per block: one AVX-512 vector
@@ -169,11 +170,14 @@ struct SmallStep {
   float* h_out;                // this step's output rows (n, H)
   float* h_n;                  // (B, H)
   float* c_n;                  // (B, H) float32, also the running cell state
+  float* gates;                // training: this step's activated gates (n, 4H), else null
+  float* cells;                // training: this step's cell states (n, H)
   int64_t n, H;
 };
 
-// Rows [r0, r0 + MT) of block u.
-template <int MT>
+// Rows [r0, r0 + MT) of block u. kSave: also write what the backward reads (csrc/lstm.h's
+// layout: activated gates i|f|g|o and the cell, float32).
+template <int MT, bool kSave>
 __attribute__((target("avx512f"))) void small_step_block(const SmallStep& a, int64_t u, int64_t r0) {
   const int64_t H = a.H, j0 = u * kUnits;
   __m512 acc[MT][4];
@@ -200,48 +204,59 @@ __attribute__((target("avx512f"))) void small_step_block(const SmallStep& a, int
     float* h = a.h_out + (r0 + r) * H + j0;
     float* hn = a.h_n + (r0 + r) * H + j0;
     float* cn = a.c_n + (r0 + r) * H + j0;
+    float* gs = kSave ? a.gates + (r0 + r) * 4 * H + j0 : nullptr;
+    float* cs = kSave ? a.cells + (r0 + r) * H + j0 : nullptr;
 #pragma omp simd
     for (int64_t j = 0; j < kUnits; ++j) {
-      const float c = sigmoid_f32(z[1][j]) * cp[j] + sigmoid_f32(z[0][j]) * tanh_f32(z[2][j]);
-      const float hv = sigmoid_f32(z[3][j]) * tanh_f32(c);
+      const float gi = sigmoid_f32(z[0][j]), gf = sigmoid_f32(z[1][j]), gg = tanh_f32(z[2][j]),
+                  go = sigmoid_f32(z[3][j]);
+      const float c = gf * cp[j] + gi * gg;
+      const float hv = go * tanh_f32(c);
       cn[j] = c;
       h[j] = hv;
       hn[j] = hv;
+      if constexpr (kSave) {
+        gs[j] = gi;
+        gs[H + j] = gf;
+        gs[2 * H + j] = gg;
+        gs[3 * H + j] = go;
+        cs[j] = c;
+      }
     }
   }
 }
 
+template <bool kSave>
 __attribute__((target("avx512f"))) void small_step(const SmallStep& a, int64_t u_begin, int64_t u_end) {
   for (int64_t u = u_begin; u < u_end; ++u) {
     for (int64_t r0 = 0; r0 < a.n; r0 += kRowTile) {  // the block's weight stays in L1 across tiles
       switch (std::min(kRowTile, a.n - r0)) {
-        case 4: small_step_block<4>(a, u, r0); break;
-        case 3: small_step_block<3>(a, u, r0); break;
-        case 2: small_step_block<2>(a, u, r0); break;
-        default: small_step_block<1>(a, u, r0); break;
+        case 4: small_step_block<4, kSave>(a, u, r0); break;
+        case 3: small_step_block<3, kSave>(a, u, r0); break;
+        case 2: small_step_block<2, kSave>(a, u, r0); break;
+        default: small_step_block<1, kSave>(a, u, r0); break;
       }
     }
   }
 }
 #endif
 
-bool small_batch_applies(const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& w_hr,
-                         bool save) {
+bool small_batch_applies(const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& w_hr) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  return !save && !w_hr && has_avx512() && h0.dim() == 2 && c0.dim() == 2 && h0.size(0) <= kSmallBatchMax &&
+  return !w_hr && has_avx512() && h0.dim() == 2 && c0.dim() == 2 && h0.size(0) <= kSmallBatchMax &&
          c0.size(1) % kUnits == 0 && c0.size(1) > 0;
 #else
-  (void)h0, (void)c0, (void)w_hr, (void)save;
+  (void)h0, (void)c0, (void)w_hr;
   return false;
 #endif
 }
 
 // The layer forward of csrc/lstm.h for small_batch_applies() calls: the same arguments,
-// checks, layout and results (gates and cells empty: no save).
+// checks, layout and results (gates and cells empty unless saving).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_batch_layer_fwd(
     const char* op, const at::Tensor& x_in, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias,
     const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0_in, const at::Tensor& c0_in,
-    const at::Tensor& w_hh, bool reverse) {
+    const at::Tensor& w_hh, bool reverse, bool save) {
 #if defined(__x86_64__) && defined(__GNUC__)
   lstm::check_input_args(op, x_in, w_ih, bias);
   const lstm::Steps s = lstm::check_layer_args(op, x_in.size(0), w_ih.size(0), x_in.scalar_type(), x_in.device(),
@@ -257,6 +272,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_bat
   const int64_t rows = x_proj.size(0);
   at::Tensor out = s.has_padding() ? at::zeros({rows, H}, x_proj.options()) : at::empty({rows, H}, x_proj.options());
   at::Tensor h_n = h0.clone(), c_n = c0.clone();  // rows that never run keep their initial state
+  // Padding rows of the saves are never written: zeros, as csrc/lstm.h's.
+  const auto saves = [&](int64_t cols) {
+    if (!save) return at::empty({0}, x_proj.options());
+    return s.has_padding() ? at::zeros({rows, cols}, x_proj.options()) : at::empty({rows, cols}, x_proj.options());
+  };
+  at::Tensor gates = saves(4 * H), cells = saves(H);
   const float* out_data = out.const_data_ptr<float>();
   const int64_t blocks = H / kUnits;
   // A task is at least ~4 blocks of 256 inputs (~16k multiply-adds per row): below that
@@ -277,10 +298,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_bat
     a.h_out = out.data_ptr<float>() + off * H;
     a.h_n = h_n.data_ptr<float>();
     a.c_n = c_n.data_ptr<float>();
+    a.gates = save ? gates.data_ptr<float>() + off * 4 * H : nullptr;
+    a.cells = save ? cells.data_ptr<float>() + off * H : nullptr;
     a.n = n, a.H = H;
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { small_step(a, begin, end); });
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      save ? small_step<true>(a, begin, end) : small_step<false>(a, begin, end);
+    });
   }
-  return {out, h_n, c_n, at::empty({0}, x_proj.options()), at::empty({0}, x_proj.options())};
+  return {out, h_n, c_n, gates, cells};
 #else
   TORCH_CHECK(false, op, ": the small-batch path needs x86-64 AVX-512");
 #endif
@@ -297,8 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const std::optional<at::Tensor>& w_hr, bool reverse, bool save) {
   const char* op = "fuseformer lstm_layer_fwd";
   check_float(x, op);
-  if (small_batch_applies(h0, c0, w_hr, save)) {
-    return small_batch_layer_fwd(op, x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, reverse);
+  if (small_batch_applies(h0, c0, w_hr)) {
+    return small_batch_layer_fwd(op, x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, reverse, save);
   }
   return lstm::layer_fwd<CpuCells>(op, x, w_ih, bias, batch_sizes, padded, h0, c0, w_hh, w_hr, reverse, save);
 }

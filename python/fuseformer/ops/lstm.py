@@ -89,6 +89,9 @@ def _layer_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_ih, batch_sizes, h0, c0, w_hh, w_hr, out, gates, cells)
     ctx.padded, ctx.reverse, ctx.has_bias = padded, reverse, bias is not None
     ctx.mark_non_differentiable(gates, cells)
+    # The saves never get gradients: without this autograd would fill a (rows, 4H) float32
+    # zero tensor for them on every backward (~0.8 ms at 1024 rows x 1024).
+    ctx.set_materialize_grads(False)
 
 
 def _layer_backward(bwd_op):
@@ -293,9 +296,12 @@ def lstm(
 # the C++ small-batch loop (one pass per step with the gates in registers: 1.1-3.8x torch at
 # hidden 32-1024, batch 1-6; 1.06-2.28x at batch 8-16); below 8 rows with gradients the
 # recurrent GEMM is the AVX-512 small-row kernel (csrc/cpu/gemv.cpp: 1.2-2.4x from hidden
-# 384, 0.7-0.9x at 256).
+# 384, 0.7-0.9x at 256). Training at 8-16 rows runs the small-batch loop for the forward
+# (saving the gates and cells) and csrc/lstm.h's backward: 1.2-1.5x torch at hidden 1024,
+# 0.9-1.0x at 512-768, 0.7-0.9x at 128-256 (the backward's per-step GEMM and cell passes).
 CPU_KERNEL_MIN_BATCH = 8
 CPU_SMALL_BATCH_MIN_HIDDEN = 384
+CPU_SMALL_BATCH_TRAIN_MIN_HIDDEN = 1024
 
 
 CPU_SMALL_BATCH_LOOP_MAX = 16  # csrc/cpu/lstm.cpp kSmallBatchMax
@@ -305,7 +311,8 @@ def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengt
                      needs_grad: bool) -> bool:
     if dtype != torch.float32:
         return False
-    if batch <= CPU_SMALL_BATCH_LOOP_MAX and not needs_grad and not projected and hidden % 16 == 0:
+    if batch <= CPU_SMALL_BATCH_LOOP_MAX and not projected and hidden % 16 == 0 and (
+            not needs_grad or hidden >= CPU_SMALL_BATCH_TRAIN_MIN_HIDDEN):
         return True  # the small-batch loop
     if batch < CPU_KERNEL_MIN_BATCH:
         return hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
