@@ -151,8 +151,8 @@ def test_variable_lengths(backend, device, case, form):
                             enforce_sorted=enforce_sorted, packed_input=form == "packed")
 
 
-# Inference without a projection at batch < 8 and hidden a multiple of 16: on the CPU the
-# small-batch loop (gates in registers, row tiles of 4, blocks of 16 units).
+# No projection, up to 64 rows and hidden a multiple of 16: on the CPU the small-batch loop
+# (gates in registers, row tiles of 4, blocks of 16 units).
 INFERENCE_CASES = [
     (Config(9, 16, batch=1, steps=6), None, "plain"),
     (Config(7, 32, layers=2, bidirectional=True, batch=3, steps=5, batch_first=True), None, "plain"),
@@ -161,6 +161,10 @@ INFERENCE_CASES = [
     (Config(4, 16, bidirectional=True, batch=5, steps=4), [4, 4, 3, 2, 1], "packed"),
     (Config(6, 32, batch=16, steps=4), None, "plain"),  # four row tiles
     (Config(5, 16, batch=14, steps=5), [5, 1, 4, 2, 5, 3, 1, 2, 4, 5, 3, 2, 1, 4], "padded"),
+    (Config(3, 32, batch=37, steps=3), None, "plain"),  # ten row tiles, the last of one row
+    (Config(4, 16, bidirectional=True, batch=21, steps=4), [4, 1, 3, 2, 4, 4, 1, 2, 3, 4, 1, 1, 2, 3, 4, 2, 3, 1, 4,
+                                                           2, 3], "padded"),
+    (Config(2, 16, batch=64, steps=2), [2] * 40 + [1] * 24, "packed"),  # the largest batch of the loop
 ]
 
 

@@ -296,15 +296,17 @@ def lstm(
 # the C++ small-batch loop (one pass per step with the gates in registers: 1.1-3.8x torch at
 # hidden 32-1024, batch 1-6; 1.06-2.28x at batch 8-16); below 8 rows with gradients the
 # recurrent GEMM is the AVX-512 small-row kernel (csrc/cpu/gemv.cpp: 1.2-2.4x from hidden
-# 384, 0.7-0.9x at 256). Training at 8-16 rows runs the small-batch loop for the forward
-# (saving the gates and cells) and csrc/lstm.h's backward: 1.2-1.5x torch at hidden 1024,
-# 0.9-1.0x at 512-768, 0.7-0.9x at 128-256 (the backward's per-step GEMM and cell passes).
+# 384, 0.7-0.9x at 256). The loop takes up to 64 rows and the training forward too (saving
+# the gates and cells for csrc/lstm.h's backward); past 16 rows in inference and from 8 rows
+# in training it beats torch from hidden 1024 (1.06-1.5x at 8-64 rows, both modes), not at
+# 768 (0.95-1.1x) or below (0.7-1.0x: the backward's per-step GEMM and cell passes).
 CPU_KERNEL_MIN_BATCH = 8
 CPU_SMALL_BATCH_MIN_HIDDEN = 384
-CPU_SMALL_BATCH_TRAIN_MIN_HIDDEN = 1024
+CPU_SMALL_BATCH_INFERENCE_MAX = 16
+CPU_LOOP_MIN_HIDDEN = 1024
 
 
-CPU_SMALL_BATCH_LOOP_MAX = 16  # csrc/cpu/lstm.cpp kSmallBatchMax
+CPU_SMALL_BATCH_LOOP_MAX = 64  # csrc/cpu/lstm.cpp kSmallBatchMax
 
 
 def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengths: bool, projected: bool,
@@ -312,7 +314,7 @@ def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengt
     if dtype != torch.float32:
         return False
     if batch <= CPU_SMALL_BATCH_LOOP_MAX and not projected and hidden % 16 == 0 and (
-            not needs_grad or hidden >= CPU_SMALL_BATCH_TRAIN_MIN_HIDDEN):
+            hidden >= CPU_LOOP_MIN_HIDDEN or (not needs_grad and batch <= CPU_SMALL_BATCH_INFERENCE_MAX)):
         return True  # the small-batch loop
     if batch < CPU_KERNEL_MIN_BATCH:
         return hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
