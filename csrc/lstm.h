@@ -131,8 +131,9 @@ class AtenLinear {
 };
 
 // What a device supplies: Linear (a class like AtenLinear: built once per weight and layer
-// call, applied at every step) and the fused pointwise passes of one step over rows [0, n).
-//
+// call, applied at every step), the fused pointwise passes of one step over rows [0, n), and
+// fused_bwd_walk(s, grad_out, gates, cells, c0, w_hh, dh_run, dc_run, dgates): the whole walk
+// of the backward (no projection) in a loop of its own, or false to take walk_bwd's.
 //
 // Forward: pre (n, 4H) = x_proj rows + h_prev W_hhᵀ; c_prev rows from prev_cells (first
 // prev_rows rows) then c0; writes h (n, H) to h_out (and h_out2 if given), c to c_out and c_n,
@@ -226,40 +227,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
           save ? cells : at::empty({0}, f32)};
 }
 
-// grad_x (rows, F; empty unless needs_input_grad), grad_w_ih (4H, F), grad_bias (4H; empty
-// unless has_bias), grad_h0 (B, P), grad_c0 (B, H), grad_w_hh (4H, P) and grad_w_hr (P, H)
-// (empty without a projection), in x's dtype.
+// layer_bwd's walk back through the steps: per step (last to first) one pointwise pass
+// (Device::cell_bwd) and one GEMM carrying dh to the step before (with a projection, dh goes
+// through W_hr first).
 template <typename Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_bwd(
-    const char* op, const at::Tensor& grad_out_in, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& x_in, const at::Tensor& w_ih, bool has_bias, bool needs_input_grad,
-    const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0_in, const at::Tensor& c0_in,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& gates,
-    const at::Tensor& cells, bool reverse) {
-  check_input_args(op, x_in, w_ih, std::nullopt);
-  TORCH_CHECK(gates.dim() == 2 && out.dim() == 2 && cells.dim() == 2, op, ": out, gates and cells must be 2-D");
-  const Steps s = check_layer_args(op, x_in.size(0), w_ih.size(0), x_in.scalar_type(), x_in.device(), batch_sizes,
-                                   padded, h0_in, c0_in, w_hh, w_hr, reverse);
-  const at::Tensor x = x_in.contiguous();
-  const auto dtype = out.scalar_type();
-  const auto opts = out.options();
-  const auto f32 = opts.dtype(at::kFloat);
-  const int64_t rows = out.size(0), H = s.hidden, P = s.proj;
-  TORCH_CHECK(grad_out_in.sizes() == out.sizes() && gates.size(0) == rows && cells.size(0) == rows, op,
-              ": grad_out, gates and cells must have out's rows");
-  const at::Tensor grad_out = grad_out_in.to(dtype).contiguous(), h0 = h0_in.contiguous();
-  const at::Tensor c0 = c0_in.to(at::kFloat).contiguous();
-  at::Tensor dh_run = grad_h_n.to(dtype).contiguous().clone();
-  at::Tensor dc_run = grad_c_n.to(at::kFloat).contiguous().clone();
-  at::Tensor dgates = s.has_padding() ? at::zeros({rows, 4 * H}, opts) : at::empty({rows, 4 * H}, opts);
-  // What the weight gradients read, per row: h_prev (for W_hh), and with a projection the
-  // gradient reaching h and h_raw (for W_hr).
-  at::Tensor h_prev = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
-  at::Tensor dh_all, h_raw_all;
-  if (w_hr) {
-    dh_all = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
-    h_raw_all = s.has_padding() ? at::zeros({rows, H}, opts) : at::empty({rows, H}, opts);
-  }
+void walk_bwd(const Steps& s, const at::Tensor& grad_out, const at::Tensor& gates, const at::Tensor& cells,
+              const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, at::Tensor& dh_run,
+              at::Tensor& dc_run, at::Tensor& dgates, at::Tensor& dh_all, at::Tensor& h_raw_all) {
   // dh_prev = dgates W_hh and, with a projection, dh_raw = dh W_hr: x Wᵀ for W = W_hhᵀ, W_hrᵀ.
   const auto recurrent_t = Device::Linear::transposed(w_hh, s.batch, /*cached=*/true);
   std::optional<typename Device::Linear> projection_t;
@@ -268,9 +242,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
     if (n == 0) continue;
     const Prev prev = previous(s, position);
-    const int64_t from_prev = std::min(n, prev.rows);
-    if (from_prev > 0) h_prev.narrow(0, off, from_prev).copy_(out.narrow(0, prev.offset, from_prev));
-    if (n > from_prev) h_prev.narrow(0, off + from_prev, n - from_prev).copy_(h0.narrow(0, from_prev, n - from_prev));
     CellBwd cell;
     cell.n = n;
     cell.prev_rows = prev.rows;
@@ -291,6 +262,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     Device::cell_bwd(cell);
     dh_run.narrow(0, 0, n).copy_(recurrent_t(cell.dgates));
+  }
+}
+// grad_x (rows, F; empty unless needs_input_grad), grad_w_ih (4H, F), grad_bias (4H; empty
+// unless has_bias), grad_h0 (B, P), grad_c0 (B, H), grad_w_hh (4H, P) and grad_w_hr (P, H)
+// (empty without a projection), in x's dtype.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_bwd(
+    const char* op, const at::Tensor& grad_out_in, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& x_in, const at::Tensor& w_ih, bool has_bias, bool needs_input_grad,
+    const at::Tensor& batch_sizes, bool padded, const at::Tensor& h0_in, const at::Tensor& c0_in,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& gates,
+    const at::Tensor& cells, bool reverse) {
+  check_input_args(op, x_in, w_ih, std::nullopt);
+  TORCH_CHECK(gates.dim() == 2 && out.dim() == 2 && cells.dim() == 2, op, ": out, gates and cells must be 2-D");
+  const Steps s = check_layer_args(op, x_in.size(0), w_ih.size(0), x_in.scalar_type(), x_in.device(), batch_sizes,
+                                   padded, h0_in, c0_in, w_hh, w_hr, reverse);
+  const at::Tensor x = x_in.contiguous();
+  const auto dtype = out.scalar_type();
+  const auto opts = out.options();
+  const int64_t rows = out.size(0), H = s.hidden, P = s.proj;
+  TORCH_CHECK(grad_out_in.sizes() == out.sizes() && gates.size(0) == rows && cells.size(0) == rows, op,
+              ": grad_out, gates and cells must have out's rows");
+  const at::Tensor grad_out = grad_out_in.to(dtype).contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor c0 = c0_in.to(at::kFloat).contiguous();
+  at::Tensor dh_run = grad_h_n.to(dtype).contiguous().clone();
+  at::Tensor dc_run = grad_c_n.to(at::kFloat).contiguous().clone();
+  at::Tensor dgates = s.has_padding() ? at::zeros({rows, 4 * H}, opts) : at::empty({rows, 4 * H}, opts);
+  // What the weight gradients read, per row: h_prev (for W_hh), and with a projection the
+  // gradient reaching h and h_raw (for W_hr).
+  at::Tensor h_prev = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
+  at::Tensor dh_all, h_raw_all;
+  if (w_hr) {
+    dh_all = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
+    h_raw_all = s.has_padding() ? at::zeros({rows, H}, opts) : at::empty({rows, H}, opts);
+  }
+  for (int64_t position = 0; position < s.steps(); ++position) {
+    const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
+    const Prev prev = previous(s, position);
+    const int64_t from_prev = std::min(n, prev.rows);
+    if (from_prev > 0) h_prev.narrow(0, off, from_prev).copy_(out.narrow(0, prev.offset, from_prev));
+    if (n > from_prev) h_prev.narrow(0, off + from_prev, n - from_prev).copy_(h0.narrow(0, from_prev, n - from_prev));
+  }
+  // The walk back through the steps: dgates per step, dh_run and dc_run carried to the step
+  // before. A device may run it as a fused loop of its own (false where it does not).
+  if (w_hr || !Device::fused_bwd_walk(s, grad_out, gates, cells, c0, w_hh, dh_run, dc_run, dgates)) {
+    walk_bwd<Device>(s, grad_out, gates, cells, c0, w_hh, w_hr, dh_run, dc_run, dgates, dh_all, h_raw_all);
   }
   // The input and weight gradients, one GEMM each over every step's rows.
   at::Tensor grad_x =

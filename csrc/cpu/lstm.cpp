@@ -78,8 +78,9 @@ template <bool kTwoDh, bool kHRaw>
 __attribute__((always_inline)) inline void cell_bwd_row(const float* __restrict dh_a, const float* __restrict dh_b,
                                                         float* __restrict dc, const float* __restrict gates,
                                                         const float* __restrict c, const float* __restrict c_prev,
-                                                        float* __restrict dz, float* __restrict h_raw, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+                                                        float* __restrict dz, float* __restrict h_raw, int64_t H,
+                                                        int64_t units) {
+  for (int64_t j = 0; j < units; ++j) {
     float dh = dh_a[j];
     if constexpr (kTwoDh) dh += dh_b[j];
     const float i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
@@ -98,16 +99,21 @@ FF_VECTORIZE void cell_bwd_rows(bool two_dh, bool with_h_raw, const float* dh_a,
                                 const float* gates, const float* c, const float* c_prev, float* dz, float* h_raw,
                                 int64_t H) {
   if (two_dh) {
-    with_h_raw ? cell_bwd_row<true, true>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H)
-               : cell_bwd_row<true, false>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H);
+    with_h_raw ? cell_bwd_row<true, true>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H, H)
+               : cell_bwd_row<true, false>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H, H);
   } else {
-    with_h_raw ? cell_bwd_row<false, true>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H)
-               : cell_bwd_row<false, false>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H);
+    with_h_raw ? cell_bwd_row<false, true>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H, H)
+               : cell_bwd_row<false, false>(dh_a, dh_b, dc, gates, c, c_prev, dz, h_raw, H, H);
   }
 }
 
 struct CpuCells {
   using Linear = PackedLinear;
+
+  // Up to 64 rows, hidden a multiple of 16, AVX-512: the small-batch backward loop below.
+  static bool fused_bwd_walk(const lstm::Steps& s, const at::Tensor& grad_out, const at::Tensor& gates,
+                             const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& w_hh, at::Tensor& dh_run,
+                             at::Tensor& dc_run, at::Tensor& dgates);
 
   static void cell_fwd(const lstm::CellFwd& a) {
     const int64_t H = a.c0.size(1);
@@ -242,6 +248,78 @@ __attribute__((target("avx512f"))) void small_step(const SmallStep& a, int64_t u
     }
   }
 }
+
+// The backward's walk for the same batches (CpuCells::fused_bwd_walk): one parallel pass per
+// step in which the thread owning a block of 16 hidden units first carries dh to it from the
+// step after (dh[:, block] = dgates_next W_hh[:, block], a GEMM slice over 4H gate rows of a
+// copy of W_hh blocked so that each gate row's 16 columns are one vector) and then runs the
+// backward cell for the same units, which needs nothing from the other blocks: one fork/join
+// per step instead of the cell pass's and the GEMM's.
+constexpr int64_t kBwdRowTile = 8;  // rows per pass over a block's weights: 8 accumulators
+
+// W_hh (4H, H) -> (H/16, 4H, 16): block u, gate row m, unit j = W_hh[m, 16u + j].
+at::Tensor block_recurrent(const at::Tensor& w_hh, int64_t H) {
+  return w_hh.contiguous().view({4 * H, H / kUnits, kUnits}).permute({1, 0, 2}).contiguous();
+}
+
+struct SmallBwdStep {
+  const float* w;          // block_recurrent(W_hh)
+  const float* dz_next;    // the step after's dgates rows (n_next, 4H); null at the walk's start
+  int64_t n_next;
+  const float* grad_out;   // this step's rows (n, H)
+  const float* gates;      // (n, 4H) activated, float32
+  const float* cells;      // (n, H)
+  const float* c_prev[kSmallBatchMax];
+  float* dh;               // dh_run (B, H): in, the gradient reaching h from later steps
+  float* dc;               // dc_run (B, H)
+  float* dz;               // this step's dgates rows (n, 4H); null: carry only (the walk's end)
+  int64_t n, H;
+};
+
+template <int MT>
+__attribute__((target("avx512f"))) void carry_block(const SmallBwdStep& a, int64_t u, int64_t r0) {
+  const int64_t H4 = 4 * a.H;
+  __m512 acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = _mm512_setzero_ps();
+  const float* w = a.w + u * H4 * kUnits;
+  const float* dz = a.dz_next + r0 * H4;
+  for (int64_t m = 0; m < H4; ++m) {
+    const __m512 wm = _mm512_loadu_ps(w + m * kUnits);
+    for (int r = 0; r < MT; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dz[r * H4 + m]), wm, acc[r]);
+  }
+  for (int r = 0; r < MT; ++r) _mm512_storeu_ps(a.dh + (r0 + r) * a.H + u * kUnits, acc[r]);
+}
+
+FF_VECTORIZE void cell_bwd_units(const float* dh, const float* grad_out, float* dc, const float* gates, const float* c,
+                                 const float* c_prev, float* dz, int64_t H) {
+  cell_bwd_row<true, false>(dh, grad_out, dc, gates, c, c_prev, dz, nullptr, H, kUnits);
+}
+
+__attribute__((target("avx512f"))) void small_bwd_step(const SmallBwdStep& a, int64_t u_begin, int64_t u_end) {
+  const int64_t H = a.H;
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    if (a.dz_next) {
+      for (int64_t r0 = 0; r0 < a.n_next; r0 += kBwdRowTile) {
+        switch (std::min(kBwdRowTile, a.n_next - r0)) {
+          case 8: carry_block<8>(a, u, r0); break;
+          case 7: carry_block<7>(a, u, r0); break;
+          case 6: carry_block<6>(a, u, r0); break;
+          case 5: carry_block<5>(a, u, r0); break;
+          case 4: carry_block<4>(a, u, r0); break;
+          case 3: carry_block<3>(a, u, r0); break;
+          case 2: carry_block<2>(a, u, r0); break;
+          default: carry_block<1>(a, u, r0); break;
+        }
+      }
+    }
+    if (!a.dz) continue;
+    const int64_t j0 = u * kUnits;
+    for (int64_t r = 0; r < a.n; ++r) {
+      cell_bwd_units(a.dh + r * H + j0, a.grad_out + r * H + j0, a.dc + r * H + j0, a.gates + r * 4 * H + j0,
+                     a.cells + r * H + j0, a.c_prev[r] + j0, a.dz + r * 4 * H + j0, H);
+    }
+  }
+}
 #endif
 
 bool small_batch_applies(const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& w_hr) {
@@ -311,6 +389,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_bat
   return {out, h_n, c_n, gates, cells};
 #else
   TORCH_CHECK(false, op, ": the small-batch path needs x86-64 AVX-512");
+#endif
+}
+
+bool CpuCells::fused_bwd_walk(const lstm::Steps& s, const at::Tensor& grad_out, const at::Tensor& gates,
+                              const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& w_hh, at::Tensor& dh_run,
+                              at::Tensor& dc_run, at::Tensor& dgates) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const int64_t H = s.hidden;
+  const bool fits = has_avx512() && s.batch <= kSmallBatchMax && H > 0 && H % kUnits == 0 && s.proj == H;
+  auto plain_f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); };
+  if (!fits || !plain_f32(grad_out) || !plain_f32(gates) || !plain_f32(cells) || !plain_f32(c0) ||
+      !plain_f32(dh_run) || !plain_f32(dc_run) || !plain_f32(dgates) || w_hh.scalar_type() != at::kFloat) {
+    return false;
+  }
+  constexpr int64_t kBlockedKey = 5;
+  const at::Tensor w = WeightCache::cacheable(w_hh) && w_hh.is_contiguous()
+                           ? WeightCache::get({w_hh}, {kBlockedKey, H},
+                                              [&] { return std::vector<at::Tensor>{block_recurrent(w_hh, H)}; })[0]
+                           : block_recurrent(w_hh, H);
+  const float* go = grad_out.const_data_ptr<float>();
+  const float* g = gates.const_data_ptr<float>();
+  const float* c = cells.const_data_ptr<float>();
+  const float* c_init = c0.const_data_ptr<float>();
+  float* dz = dgates.data_ptr<float>();
+  SmallBwdStep a{};
+  a.w = w.const_data_ptr<float>();
+  a.dh = dh_run.data_ptr<float>();
+  a.dc = dc_run.data_ptr<float>();
+  a.H = H;
+  const int64_t blocks = H / kUnits;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 10) / H);  // as the forward's
+  auto run = [&] { at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) { small_bwd_step(a, b, e); }); };
+  for (int64_t position = s.steps() - 1; position >= 0; --position) {
+    const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
+    if (n == 0) continue;
+    const lstm::Prev prev = lstm::previous(s, position);
+    a.grad_out = go + off * H;
+    a.gates = g + off * 4 * H;
+    a.cells = c + off * H;
+    for (int64_t r = 0; r < n; ++r) a.c_prev[r] = r < prev.rows ? c + (prev.offset + r) * H : c_init + r * H;
+    a.dz = dz + off * 4 * H;
+    a.n = n;
+    run();
+    a.dz_next = a.dz;  // the next pass (the step before) starts by carrying dh through these
+    a.n_next = n;
+  }
+  if (a.dz_next) {  // dh for the initial state
+    a.dz = nullptr;
+    a.n = 0;
+    run();
+  }
+  return true;
+#else
+  (void)s, (void)grad_out, (void)gates, (void)cells, (void)c0, (void)w_hh, (void)dh_run, (void)dc_run, (void)dgates;
+  return false;
 #endif
 }
 

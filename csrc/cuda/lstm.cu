@@ -83,6 +83,12 @@ T* ptr_or_null(const at::Tensor& t) {
 struct CudaCells {
   using Linear = lstm::AtenLinear;  // cuBLAS
 
+  // The backward walks the steps with lstm::walk_bwd (a cell kernel and a cuBLAS GEMM each).
+  static bool fused_bwd_walk(const lstm::Steps&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+    return false;
+  }
+
   static void cell_fwd(const lstm::CellFwd& a) {
     const int64_t H = a.c0.size(1);
     if (a.n * H == 0) return;

@@ -296,14 +296,15 @@ def lstm(
 # the C++ small-batch loop (one pass per step with the gates in registers: 1.1-3.8x torch at
 # hidden 32-1024, batch 1-6; 1.06-2.28x at batch 8-16); below 8 rows with gradients the
 # recurrent GEMM is the AVX-512 small-row kernel (csrc/cpu/gemv.cpp: 1.2-2.4x from hidden
-# 384, 0.7-0.9x at 256). The loop takes up to 64 rows and the training forward too (saving
-# the gates and cells for csrc/lstm.h's backward); past 16 rows in inference and from 8 rows
-# in training it beats torch from hidden 1024 (1.06-1.5x at 8-64 rows, both modes), not at
-# 768 (0.95-1.1x) or below (0.7-1.0x: the backward's per-step GEMM and cell passes).
+# 384, 0.7-0.9x at 256). The loop takes up to 64 rows, and training too: the forward saving
+# the gates and cells, the backward's walk one pass per step (csrc/cpu/lstm.cpp
+# small_bwd_step). From 8 rows in training it beats torch from hidden 512 (1.0-1.9x at
+# 8-64 rows; 256: 0.75-1.0x), past 16 rows in inference from hidden 1024 (1.06-1.5x; 512-768:
+# 0.95-1.1x).
 CPU_KERNEL_MIN_BATCH = 8
 CPU_SMALL_BATCH_MIN_HIDDEN = 384
 CPU_SMALL_BATCH_INFERENCE_MAX = 16
-CPU_LOOP_MIN_HIDDEN = 1024
+CPU_LOOP_MIN_HIDDEN = {"inference": 1024, "training": 512}
 
 
 CPU_SMALL_BATCH_LOOP_MAX = 64  # csrc/cpu/lstm.cpp kSmallBatchMax
@@ -314,7 +315,8 @@ def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengt
     if dtype != torch.float32:
         return False
     if batch <= CPU_SMALL_BATCH_LOOP_MAX and not projected and hidden % 16 == 0 and (
-            hidden >= CPU_LOOP_MIN_HIDDEN or (not needs_grad and batch <= CPU_SMALL_BATCH_INFERENCE_MAX)):
+            hidden >= CPU_LOOP_MIN_HIDDEN["training" if needs_grad else "inference"]
+            or (not needs_grad and batch <= CPU_SMALL_BATCH_INFERENCE_MAX)):
         return True  # the small-batch loop
     if batch < CPU_KERNEL_MIN_BATCH:
         return hidden >= CPU_SMALL_BATCH_MIN_HIDDEN
