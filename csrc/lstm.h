@@ -297,12 +297,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dh_all = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
     h_raw_all = s.has_padding() ? at::zeros({rows, H}, opts) : at::empty({rows, H}, opts);
   }
-  for (int64_t position = 0; position < s.steps(); ++position) {
-    const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
-    const Prev prev = previous(s, position);
-    const int64_t from_prev = std::min(n, prev.rows);
-    if (from_prev > 0) h_prev.narrow(0, off, from_prev).copy_(out.narrow(0, prev.offset, from_prev));
-    if (n > from_prev) h_prev.narrow(0, off + from_prev, n - from_prev).copy_(h0.narrow(0, from_prev, n - from_prev));
+  const int64_t T = s.steps(), B = s.batch;
+  if (s.padded && !s.has_padding() && T > 0) {
+    // Every step holds the whole batch: h_prev is out shifted by one step (two copies, not
+    // two per step).
+    const int64_t first = s.reverse ? (T - 1) * B : 0;  // the walk's first step starts from h0
+    h_prev.narrow(0, first, B).copy_(h0);
+    if (T > 1) h_prev.narrow(0, s.reverse ? 0 : B, (T - 1) * B).copy_(out.narrow(0, s.reverse ? B : 0, (T - 1) * B));
+  } else {
+    for (int64_t position = 0; position < T; ++position) {
+      const int64_t t = s.at(position), n = s.sizes[t], off = s.offsets[t];
+      const Prev prev = previous(s, position);
+      const int64_t from_prev = std::min(n, prev.rows);
+      if (from_prev > 0) h_prev.narrow(0, off, from_prev).copy_(out.narrow(0, prev.offset, from_prev));
+      if (n > from_prev) h_prev.narrow(0, off + from_prev, n - from_prev).copy_(h0.narrow(0, from_prev, n - from_prev));
+    }
   }
   // The walk back through the steps: dgates per step, dh_run and dc_run carried to the step
   // before. A device may run it as a fused loop of its own (false where it does not).

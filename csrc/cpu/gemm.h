@@ -82,10 +82,10 @@ class PackedLinear {
   // addend (M, N) + x (M, K) Wᵀ, or x Wᵀ (+ bias (N,)) without an addend.
   // dzᵀ x, a weight gradient ((N, K) from dz (M, N) and x (M, K)), through oneDNN: 1.45-2.0x
   // ATen's MKL at::mm(dz.t(), x) on our AMD CPUs (2 threads, float32, cold caches). oneDNN
-  // copies its input operand into rows (the weight operand it reads strided), so the
-  // narrower of the two goes in as the input: (xᵀ dz)ᵀ when dz is the wider, the result's
-  // transpose then copied (K·N elements, less than M·N). Measured M x N x K: 1024x1024x256
-  // 1.46 vs 2.82 ms, 8192x1024x256 11.8 vs 20.2, 2048x768x3072 26.2 vs 44.8, 4096x4096x1024 83 vs 151.
+  // copies its input operand into rows (the weight operand it reads strided), so the form
+  // that copies less is taken: dzᵀ as the input (M·N elements copied), or (xᵀ dz)ᵀ (M·K for
+  // the input, K·N for the result's transpose). Measured M x N x K: 1024x1024x256 1.46 vs
+  // 2.82 ms, 8192x1024x256 11.8 vs 20.2, 2048x768x3072 26.2 vs 44.8, 4096x4096x1024 83 vs 151.
   static at::Tensor weight_grad(const at::Tensor& dz, const at::Tensor& x) {
     if (!dnnl_ops().ok || dz.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat || dz.size(0) == 0 ||
         !at::globalContext().userEnabledMkldnn()) {
@@ -98,7 +98,8 @@ class PackedLinear {
       dnnl_ops().unary->callBoxed(&stack);
       return stack[0].toTensor();
     };
-    return dz.size(1) > x.size(1) ? product_t(x, dz).t().contiguous() : product_t(dz, x);
+    const int64_t m = dz.size(0), n = dz.size(1), k = x.size(1);
+    return m * k + k * n < m * n ? product_t(x, dz).t().contiguous() : product_t(dz, x);
   }
 
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& addend = std::nullopt,
