@@ -287,27 +287,23 @@ def lstm(
     return out, (h_n, c_n)
 
 
-# Where the C++ CPU kernels beat torch.nn.LSTM (benchmarks/results/cpu/lstm.md, NOTES.md):
-# torch runs dense float32 LSTMs without a projection as one oneDNN RNN primitive, which our
-# per-step GEMMs do not reach from 8 rows (0.5-1.2x), and half dtypes in oneDNN's bf16
-# kernels; it falls back to its per-step ATen path for variable lengths (packed) and for
-# proj_size, where ours measured 1.6-2.7x (variable lengths) and 1.3-1.7x (projection).
-# Up to 16 rows in inference without a projection, hidden sizes that are multiples of 16 run
-# the C++ small-batch loop (one pass per step with the gates in registers: 1.1-3.8x torch at
-# hidden 32-1024, batch 1-6; 1.06-2.28x at batch 8-16); below 8 rows with gradients the
-# recurrent GEMM is the AVX-512 small-row kernel (csrc/cpu/gemv.cpp: 1.2-2.4x from hidden
-# 384, 0.7-0.9x at 256). The loop takes up to 64 rows, and training too: the forward saving
-# the gates and cells, the backward's walk one pass per step (csrc/cpu/lstm.cpp
-# small_bwd_step). From 8 rows in training it beats torch from hidden 512 (1.0-1.9x at
-# 8-64 rows; 256: 0.75-1.0x), past 16 rows in inference from hidden 1024 (1.06-1.5x; 512-768:
-# 0.95-1.1x).
+# Where the C++ CPU kernels beat torch.nn.LSTM (benchmarks/results/cpu/lstm.md, NOTES.md).
+# torch runs dense float32 LSTMs without a projection as one oneDNN RNN primitive, and half
+# dtypes in oneDNN's bf16 kernels; it falls back to its per-step ATen path for variable
+# lengths (packed) and proj_size, where ours measured 1.6-4x and 1.3-2.1x.
+# - No projection, up to 64 rows, hidden a multiple of 16: the small-batch loop
+#   (csrc/cpu/lstm.cpp: one pass per step with the gates in registers; in training the
+#   forward also saves the gates and cells, and the backward walks one pass per step).
+#   Inference: 1.0-3.8x up to 16 rows (hidden 32-1024); past 16 rows from hidden 1024
+#   (1.06-1.5x; 512-768: 0.95-1.1x). Training at 8-64 rows: from hidden 512 (1.0-1.9x;
+#   256: 0.75-1.0x).
+# - Otherwise, below 8 rows: the recurrent GEMM on the AVX-512 small-row kernel
+#   (csrc/cpu/gemv.cpp): 1.2-2.4x from hidden 384, 0.7-0.9x at 256.
+CPU_SMALL_BATCH_LOOP_MAX = 64  # csrc/cpu/lstm.cpp kSmallBatchMax
+CPU_SMALL_BATCH_INFERENCE_MAX = 16
+CPU_LOOP_MIN_HIDDEN = {"inference": 1024, "training": 512}  # past CPU_SMALL_BATCH_INFERENCE_MAX rows
 CPU_KERNEL_MIN_BATCH = 8
 CPU_SMALL_BATCH_MIN_HIDDEN = 384
-CPU_SMALL_BATCH_INFERENCE_MAX = 16
-CPU_LOOP_MIN_HIDDEN = {"inference": 1024, "training": 512}
-
-
-CPU_SMALL_BATCH_LOOP_MAX = 64  # csrc/cpu/lstm.cpp kSmallBatchMax
 
 
 def _cpu_kernels_win(dtype: torch.dtype, batch: int, hidden: int, variable_lengths: bool, projected: bool,
