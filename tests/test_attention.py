@@ -302,6 +302,24 @@ def test_non_contiguous_inputs(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_gradient_through_lse_alone(backend, device):
+    # The output unused, the lse alone carries the gradient (autograd passes no zero-filled
+    # gradient for the output: the backward makes its own).
+    q, k, v = make_qkv((1, 2, 2, 9, 13, 16), torch.float32, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fuseformer.use_backend(backend):
+        _out, lse = fuseformer.ops.attention(*leaves, is_causal=True, return_lse=True)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _ref, ref_lse = math_attention(*leaves64, **math_kwargs({"is_causal": True}, torch.float64, 16))
+    grad = torch.randn_like(lse)
+    got = torch.autograd.grad(lse, leaves, grad)
+    want = torch.autograd.grad(ref_lse, leaves64, grad.double(), allow_unused=True)  # lse does not read v
+    for name, g, w, t in zip("qkv", got, want, leaves64):
+        w = torch.zeros_like(t) if w is None else w
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_empty_sequences(backend, device):
     q, k, v = make_qkv((2, 2, 2, 0, 5, 16), torch.float16, device)
     with fuseformer.use_backend(backend):

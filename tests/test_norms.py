@@ -260,6 +260,26 @@ def test_module_compiles_fullgraph(module_cls):
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("backend,device", PAIRS, ids=[f"{b}-{d}" for b, d in PAIRS])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_gradient_through_the_sum_alone(backend, device, rms):
+    # Only the residual sum used downstream: the normalized output gets no gradient and the
+    # backward must not expect one.
+    x = torch.randn(6, 32, device=device, requires_grad=True)
+    r = torch.randn(6, 32, device=device, requires_grad=True)
+    w = torch.randn(32, device=device, requires_grad=True)
+    with fuseformer.use_backend(backend):
+        if rms:
+            _y, h = fuseformer.ops.add_rms_norm(x, r, (32,), w)
+        else:
+            _y, h = fuseformer.ops.add_layer_norm(x, r, (32,), w, None)
+    grad = torch.randn_like(h)
+    gx, gr, gw = torch.autograd.grad(h, [x, r, w], grad, allow_unused=True)
+    torch.testing.assert_close(gx, grad)
+    torch.testing.assert_close(gr, grad)
+    assert gw is None or torch.count_nonzero(gw) == 0
+
+
 def test_fused_residual_compiles_fullgraph():
     torch._dynamo.reset()
     norm = fuseformer.nn.RMSNorm(32)

@@ -63,14 +63,18 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
     ctx->saved_data["lower_right"] = lower_right;
+    // An unused log-sum-exp gets no zero-filled gradient (nor any work in the backward).
+    ctx->set_materialize_grads(false);
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined() && !grads[1].defined()) return variable_list(11);
     const auto s = ctx->get_saved_variables();
-    // grads[1] reaches the log-sum-exp (materialized as zeros when unused).
+    // grads[1] reaches the log-sum-exp (undefined when it goes unused).
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(s[3]);
     auto [dq, dk, dv] = call_attention_bwd(
-        grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], defined_or_none(s[5]), defined_or_none(s[6]),
+        grad_out, defined_or_none(grads[1]), s[0], s[1], s[2], s[3], s[4], defined_or_none(s[5]), defined_or_none(s[6]),
         defined_or_none(s[7]), ctx->saved_data["scale"].toDouble(), ctx->saved_data["softcap"].toDouble(),
         ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
         ctx->saved_data["lower_right"].toBool());

@@ -60,10 +60,14 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["has_bias_up"] = bias_up.has_value();
     ctx->saved_data["has_weight_up"] = weight_up.has_value();
     ctx->mark_non_differentiable({saved, saved2});
+    // The saves never get gradients: without this, autograd would zero-fill two (M, N)
+    // tensors for them on every backward.
+    ctx->set_materialize_grads(false);
     return {out, saved, saved2};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& weight = saved[1];

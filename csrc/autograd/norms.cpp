@@ -56,6 +56,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::kFloat;
     ctx->mark_non_differentiable({mean, rstd});
+    // mean / rstd never get gradients, nor residual_out when it goes unused: no zero-filled
+    // gradients for them (a (rows, N) tensor for residual_out).
+    ctx->set_materialize_grads(false);
     return {out, residual_out, mean, rstd};
   }
 
@@ -65,8 +68,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const std::optional<at::Tensor> weight = saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool residual_grad = has_residual && grads[1].defined();
+    if (!grads[0].defined() && !residual_grad) return variable_list(6);
+    // Only the sum used downstream: the normalized output's gradient is zero.
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(normalized);
     auto [grad_input, grad_weight, grad_bias] =
-        call_norm_bwd(grads[0], has_residual ? std::optional<at::Tensor>(grads[1]) : std::nullopt, normalized, weight,
+        call_norm_bwd(grad_out, residual_grad ? std::optional<at::Tensor>(grads[1]) : std::nullopt, normalized, weight,
                       saved[2], saved[3], ctx->saved_data["rms"].toBool(), has_bias);
     return {
         grad_input,

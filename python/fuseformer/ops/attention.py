@@ -158,10 +158,13 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, slopes, seed, cu_q, cu_k)
     ctx.options = options
+    ctx.set_materialize_grads(False)  # an unused lse: no zero-filled gradient, no work for it
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, mask, slopes, seed, cu_q, cu_k = ctx.saved_tensors
+    if grad_out is None:  # only the lse was used downstream
+        grad_out = torch.zeros_like(out)
     dq, dk, dv = _triton_attention_bwd(
         grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_q, cu_k, *ctx.options
     )

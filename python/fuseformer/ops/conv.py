@@ -94,6 +94,7 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.activation = activation
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the save (output-sized)
 
 
 def _conv_backward(ctx, grad_out, _grad_saved):

@@ -125,6 +125,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.activation = activation
     ctx.bias_dtypes = (bias.dtype if bias is not None else None, bias_up.dtype if bias_up is not None else None)
     ctx.mark_non_differentiable(saved, saved2)
+    ctx.set_materialize_grads(False)  # no zero-filled (M, N) gradients for the saves
 
 
 def _linear_backward(ctx, grad_out, _grad_saved, _grad_saved2):

@@ -98,11 +98,14 @@ def _norm_setup_context(ctx, inputs, output):
     ctx.rms = rms
     ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.set_materialize_grads(False)  # mean / rstd, and residual_out when unused: no zero fills
 
 
 def _make_norm_backward(bwd_op):
     def backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
         normalized, weight, mean, rstd = ctx.saved_tensors
+        if grad_out is None:  # only the sum was used downstream
+            grad_out = torch.zeros_like(normalized)
         grad_input, grad_weight, grad_bias = bwd_op(
             grad_out,
             grad_residual_out if ctx.has_residual else None,
