@@ -322,15 +322,30 @@ __attribute__((target("avx512f"))) void small_bwd_step(const SmallBwdStep& a, in
 }
 #endif
 
-bool small_batch_applies(const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& w_hr) {
+// The small-batch loops' range: no projection (h is H wide), rows up to kSmallBatchMax,
+// hidden a multiple of 16, AVX-512.
+bool small_batch_fits(int64_t batch, int64_t hidden, bool projected) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  return !w_hr && has_avx512() && h0.dim() == 2 && c0.dim() == 2 && h0.size(0) <= kSmallBatchMax &&
-         c0.size(1) % kUnits == 0 && c0.size(1) > 0;
+  return !projected && has_avx512() && batch <= kSmallBatchMax && hidden > 0 && hidden % kUnits == 0;
 #else
-  (void)h0, (void)c0, (void)w_hr;
+  (void)batch, (void)hidden, (void)projected;
   return false;
 #endif
 }
+
+bool small_batch_applies(const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& w_hr) {
+  return h0.dim() == 2 && c0.dim() == 2 && small_batch_fits(h0.size(0), c0.size(1), w_hr.has_value());
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// A layout of W_hh made once per weight version (WeightCache, keyed by `key`), or per call for
+// a weight the cache cannot hold.
+template <typename Make>
+at::Tensor recurrent_layout(const at::Tensor& w_hh, int64_t key, int64_t H, Make&& make) {
+  if (!WeightCache::cacheable(w_hh) || !w_hh.is_contiguous()) return make(w_hh, H);
+  return WeightCache::get({w_hh}, {key, H}, [&] { return std::vector<at::Tensor>{make(w_hh, H)}; })[0];
+}
+#endif
 
 // The layer forward of csrc/lstm.h for small_batch_applies() calls: the same arguments,
 // checks, layout and results (gates and cells empty unless saving).
@@ -346,10 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_bat
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const at::Tensor x_proj = PackedLinear(w_ih, x.size(0), /*cached=*/true)(x, std::nullopt, bias).contiguous();
   constexpr int64_t kInterleavedKey = 4;
-  const at::Tensor w = WeightCache::cacheable(w_hh) && w_hh.is_contiguous()
-                           ? WeightCache::get({w_hh}, {kInterleavedKey, H},
-                                              [&] { return std::vector<at::Tensor>{interleave_recurrent(w_hh, H)}; })[0]
-                           : interleave_recurrent(w_hh, H);
+  const at::Tensor w = recurrent_layout(w_hh, kInterleavedKey, H, interleave_recurrent);
   const int64_t rows = x_proj.size(0);
   at::Tensor out = s.has_padding() ? at::zeros({rows, H}, x_proj.options()) : at::empty({rows, H}, x_proj.options());
   at::Tensor h_n = h0.clone(), c_n = c0.clone();  // rows that never run keep their initial state
@@ -397,17 +409,13 @@ bool CpuCells::fused_bwd_walk(const lstm::Steps& s, const at::Tensor& grad_out, 
                               at::Tensor& dc_run, at::Tensor& dgates) {
 #if defined(__x86_64__) && defined(__GNUC__)
   const int64_t H = s.hidden;
-  const bool fits = has_avx512() && s.batch <= kSmallBatchMax && H > 0 && H % kUnits == 0 && s.proj == H;
   auto plain_f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); };
-  if (!fits || !plain_f32(grad_out) || !plain_f32(gates) || !plain_f32(cells) || !plain_f32(c0) ||
+  if (!small_batch_fits(s.batch, H, s.proj != H) || !plain_f32(grad_out) || !plain_f32(gates) || !plain_f32(cells) || !plain_f32(c0) ||
       !plain_f32(dh_run) || !plain_f32(dc_run) || !plain_f32(dgates) || w_hh.scalar_type() != at::kFloat) {
     return false;
   }
   constexpr int64_t kBlockedKey = 5;
-  const at::Tensor w = WeightCache::cacheable(w_hh) && w_hh.is_contiguous()
-                           ? WeightCache::get({w_hh}, {kBlockedKey, H},
-                                              [&] { return std::vector<at::Tensor>{block_recurrent(w_hh, H)}; })[0]
-                           : block_recurrent(w_hh, H);
+  const at::Tensor w = recurrent_layout(w_hh, kBlockedKey, H, block_recurrent);
   const float* go = grad_out.const_data_ptr<float>();
   const float* g = gates.const_data_ptr<float>();
   const float* c = cells.const_data_ptr<float>();

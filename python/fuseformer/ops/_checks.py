@@ -25,6 +25,12 @@ def float_dtype(t: torch.Tensor, name: str, op: str, allowed=FLOAT_DTYPES) -> No
         raise TypeError(f"{op}: {name} must have dtype {names}; got {dtype_name(t.dtype)}")
 
 
+def on_device_of(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """t.device == ref.device without building device objects when both are on the CPU (which
+    has one device): the ops' fast argument checks run at every decode-sized call."""
+    return t.is_cpu if ref.is_cpu else t.device == ref.device
+
+
 def same_device(t: torch.Tensor, name: str, ref: torch.Tensor, op: str, ref_name: str = "input") -> None:
     if t.device != ref.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device} (one device expected)")

@@ -227,10 +227,6 @@ CPU_SMALL_ROWS_MIN_WEIGHT = 1 << 16
 _PARAM_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _same_device(t: Tensor, x: Tensor) -> bool:
-    return t.is_cpu if x.is_cpu else t.device == x.device
-
-
 def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
     """The common case in a few comparisons (host time per call matters at decode: dtypes
     are singletons, CPU tensors share one device); anything else goes through _check_args,
@@ -239,11 +235,11 @@ def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
         return False
     dtype = x.dtype
     if (weight.dtype is not dtype or dtype not in _checks.FLOAT_DTYPES or weight.shape[1] != x.shape[-1]
-            or not _same_device(weight, x)):
+            or not _checks.on_device_of(weight, x)):
         return False
     n = weight.shape[0]
     if bias is not None and (type(bias) not in _PARAM_TYPES or bias.dtype is not dtype or bias.dim() != 1
-                             or bias.shape[0] != n or not _same_device(bias, x)):
+                             or bias.shape[0] != n or not _checks.on_device_of(bias, x)):
         return False
     if weight_up is None and bias_up is None:
         return True

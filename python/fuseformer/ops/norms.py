@@ -174,17 +174,17 @@ def _plainly_valid(input, residual, normalized_shape, weight, bias, eps) -> bool
     device). Anything else takes the checks that explain it."""
     if type(input) is not Tensor or type(normalized_shape) is not tuple or len(normalized_shape) != 1:
         return False
-    dtype, n, cpu = input.dtype, normalized_shape[0], input.is_cpu
+    dtype, n = input.dtype, normalized_shape[0]
     if dtype not in _checks.FLOAT_DTYPES or input.dim() < 1 or input.shape[-1] != n:
         return False
     if type(eps) is not float or not 0.0 <= eps < math.inf:
         return False
     for t in (weight, bias):
         if t is not None and (t.dtype is not dtype or t.dim() != 1 or t.shape[0] != n
-                              or not (t.is_cpu if cpu else t.device == input.device)):
+                              or not _checks.on_device_of(t, input)):
             return False
     return residual is None or (type(residual) is Tensor and residual.dtype is dtype and residual.shape == input.shape
-                                and (residual.is_cpu if cpu else residual.device == input.device))
+                                and _checks.on_device_of(residual, input))
 
 
 def _norm(
