@@ -292,6 +292,19 @@ def test_gradient_through_the_log_sum_exp(backend, device):
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["plain", "causal_lower_right", "window", "float_mask"])
+def test_cpu_kernel_across_query_and_key_tiles(variant):
+    # The C++ CPU kernel tiles 256 (128 when masked) queries by 512 keys: 300 x 1100 spans
+    # several of each with remainders, so the online softmax rescales across key tiles and
+    # the backward accumulates dK, dV over query tiles and GQA heads.
+    if ("cpu", "cpu") not in PAIRS:
+        pytest.skip("the C++ CPU kernels are not built here")
+    shape = (1, 2, 1, 300, 1100, 64)
+    q, k, v = make_qkv(shape, torch.float32, "cpu")
+    kwargs = {"window": (200, 700)} if variant == "window" else variant_kwargs(variant, shape, "cpu")
+    check_attention("cpu", q, k, v, kwargs)
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_non_contiguous_inputs(backend, device):
     # (B, S, H, D) storage viewed as (B, H, S, D), as after a QKV projection.

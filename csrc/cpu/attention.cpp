@@ -1,9 +1,9 @@
 // Flash-style attention on the CPU, forward and backward, float32.
 //
 // Tiling: tasks are (batch, head, tile of block_m queries), run in parallel. A task streams
-// the visible keys in tiles of kBlockN: S = Q·Kᵀ and O += P·V are BLAS GEMMs on tile views
-// (ATen's CPU mm / addmm_ called directly, MKL or OpenBLAS underneath), so only a
-// block_m x kBlockN score tile ever exists; the softmax is online (running row max and sum,
+// the visible keys in tiles of kBlockN: S = Q·Kᵀ and O += P·V are GEMMs on tile views
+// (oneDNN through PackedLinear::product: 2x ATen's MKL at these shapes on our AMD CPUs), so
+// only a block_m x kBlockN score tile ever exists; the softmax is online (running row max and sum,
 // accumulator rescaled). The elementwise row work (softcap, ALiBi, mask, exp) runs in float
 // loops the compiler vectorizes, with an exp of our own (below): libm's expf does not
 // vectorize, and a call per score costs more than both GEMMs.
@@ -20,8 +20,6 @@
 // batch's key count are invisible; rows with no visible key give zeros and lse = -inf.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,6 +33,7 @@
 #include <vector>
 
 #include "../attention.h"
+#include "gemm.h"
 #include "math.h"
 #include "vectorize.h"
 
@@ -262,8 +261,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     // The tile GEMMs are internal: no autograd (the guard is thread-local, so it is set in
     // each worker), and no autograd dispatch cost.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor acc = at::empty({tile_rows, d}, q.options());
-    at::Tensor score_buffer = at::empty({tile_rows * kBlockN}, q.options());
     std::vector<float> row_m(tile_rows), row_l(tile_rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m_tile = task % m_tiles, bh = task / m_tiles;
@@ -279,18 +276,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
       const at::Tensor q_tile = packed ? q[b].narrow(0, h0, heads_per_task).reshape({rows, d})
                                        : q[b][h0].narrow(0, m0, rows);
       const at::Tensor k_bh = k[b][kvh], v_bh = v[b][kvh];
-      at::Tensor acc_tile = acc.narrow(0, 0, rows);
-      acc_tile.zero_();
+      at::Tensor acc_tile;  // O's unnormalized rows, from the first key tile on
       std::fill(row_m.begin(), row_m.end(), kNegInf);
       std::fill(row_l.begin(), row_l.end(), 0.0f);
 
       const auto [lo, hi] = tile_key_range(p, b, m0, m1);
       for (int64_t n0 = lo; n0 < hi; n0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, hi - n0);
-        at::Tensor s = score_buffer.narrow(0, 0, rows * cols).view({rows, cols});
-        at::cpu::mm_out(s, q_tile, k_bh.narrow(0, n0, cols).t());
+        at::Tensor s = PackedLinear::product(q_tile, k_bh.narrow(0, n0, cols));
         float* s_ptr = s.data_ptr<float>();
-        float* acc_ptr = acc_tile.data_ptr<float>();
+        float* acc_ptr = acc_tile.defined() ? acc_tile.data_ptr<float>() : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
           float* s_row = s_ptr + r * cols;
           const int64_t h = h_of(r), i = i_of(r), pos = i + off;
@@ -312,10 +307,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
           const float alpha = exp_f32(row_m[r] - shift);
           row_l[r] = row_l[r] * alpha + tile_sum;
           row_m[r] = m_new;
-          if (alpha != 1.0f) scale_row(acc_ptr + r * d, d, alpha);
+          if (acc_ptr && alpha != 1.0f) scale_row(acc_ptr + r * d, d, alpha);
         }
-        at::cpu::addmm_(acc_tile, s, v_bh.narrow(0, n0, cols));
+        const at::Tensor v_t = v_bh.narrow(0, n0, cols).t();
+        acc_tile = acc_tile.defined() ? PackedLinear::product(s, v_t, acc_tile) : PackedLinear::product(s, v_t);
       }
+      if (!acc_tile.defined()) acc_tile = at::zeros({rows, d}, q.options());  // no visible key
       float* out_b = out[b].data_ptr<float>();  // out is contiguous (H, S, D) per batch
       float* lse_b = lse[b].data_ptr<float>();
       const float* acc_ptr = acc_tile.data_ptr<float>();
@@ -362,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor buffers = at::empty({3, block_m * kBlockN}, q.options());
+    at::Tensor tanh_buffer = has_softcap ? at::empty({block_m * kBlockN}, q.options()) : at::Tensor();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.kv_heads, kvh = task % p.kv_heads;
       const int64_t keys = p.keys(b), off = p.offset(b);
@@ -382,16 +379,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           for (int64_t n0 = lo; n0 < hi; n0 += kBlockN) {
             const int64_t cols = std::min(kBlockN, hi - n0);
             const at::Tensor k_tile = k_bh.narrow(0, n0, cols), v_tile = v_bh.narrow(0, n0, cols);
-            at::Tensor s = buffers[0].narrow(0, 0, rows * cols).view({rows, cols});
-            at::Tensor dp = buffers[1].narrow(0, 0, rows * cols).view({rows, cols});
-            at::Tensor t = buffers[2].narrow(0, 0, rows * cols).view({rows, cols});
-            at::cpu::mm_out(s, q_tile, k_tile.t());
-            at::cpu::mm_out(dp, do_tile, v_tile.t());
+            at::Tensor s = PackedLinear::product(q_tile, k_tile);
+            at::Tensor dp = PackedLinear::product(do_tile, v_tile);
             float* s_ptr = s.data_ptr<float>();
             float* dp_ptr = dp.data_ptr<float>();
             for (int64_t i = 0; i < rows; ++i) {
               float* s_row = s_ptr + i * cols;
-              float* t_row = has_softcap ? t.data_ptr<float>() + i * cols : nullptr;
+              float* t_row = has_softcap ? tanh_buffer.data_ptr<float>() + i * cols : nullptr;
               const int64_t pos = m0 + i + off;
               const auto [vis_lo, vis_hi] = visible_range(pos, keys, p.opt);
               finish_scores(s_row, cols, n0, pos, p.opt, slope, p.mask_row(b, h, m0 + i), p.mask_col_stride(),
@@ -403,9 +397,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             }
             // s now holds P, dp holds dS (w.r.t. scale·q·k).
             at::Tensor dv_tile = dv_bh.narrow(0, n0, cols), dk_tile = dk_bh.narrow(0, n0, cols);
-            at::cpu::addmm_(dv_tile, s.t(), do_tile);
-            at::cpu::addmm_(dk_tile, dp.t(), q_tile, 1.0, scale);
-            at::cpu::addmm_(dq_tile, dp, k_tile, 1.0, scale);
+            dv_tile.add_(PackedLinear::weight_grad(s, do_tile));
+            dk_tile.add_(PackedLinear::weight_grad(dp, q_tile), scale);
+            dq_tile.add_(PackedLinear::product(dp, k_tile.t()), scale);
           }
         }
       }

@@ -76,7 +76,21 @@ class PackedLinear {
     return onednn_linear(x.contiguous(), weight.contiguous(), bias);
   }
 
-  // addend (M, N) + x (M, K) Wᵀ, or x Wᵀ (+ bias (N,)) without an addend.
+  // a bᵀ (+ addend (M, N)) for operands made per call, such as attention's tiles: a (M, K) and
+  // b (N, K) as they are (any strides: oneDNN reads them strided), float32; oneDNN from kMinRows
+  // rows (single-threaded at attention's tile shapes, 256x64 by 64x512: 2.0x ATen's MKL, which
+  // takes its AVX2 path on these AMD CPUs; benchmarks/NOTES.md), ATen's GEMM below or without it.
+  static at::Tensor product(const at::Tensor& a, const at::Tensor& b,
+                            const std::optional<at::Tensor>& addend = std::nullopt) {
+    if (!usable(b, a.size(0)) || a.scalar_type() != at::kFloat || b.size(0) == 0 || a.size(1) == 0) {
+      return addend ? at::addmm(*addend, a, b.t()) : at::mm(a, b.t());
+    }
+    if (!addend) return onednn_linear(a, b, std::nullopt);
+    torch::jit::Stack stack{a, addend->contiguous(), b, c10::IValue(), c10::IValue("add")};
+    dnnl_ops().binary->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
   // dzᵀ x, a weight gradient ((N, K) from dz (M, N) and x (M, K)), through oneDNN: 1.45-2.0x
   // ATen's MKL at::mm(dz.t(), x) on our AMD CPUs (2 threads, float32, cold caches). oneDNN
   // copies its input operand into rows (the weight operand it reads strided), so the form
@@ -96,6 +110,7 @@ class PackedLinear {
     return m * k + k * n < m * n ? product_t(x, dz).t().contiguous() : product_t(dz, x);
   }
 
+  // addend (M, N) + x (M, K) Wᵀ, or x Wᵀ (+ bias (N,)) without an addend.
   at::Tensor operator()(const at::Tensor& x, const std::optional<at::Tensor>& addend = std::nullopt,
                         const std::optional<at::Tensor>& bias = std::nullopt) const {
     if (!packed_.defined()) {
