@@ -158,6 +158,16 @@ def test_opcheck(backend, device):
     for layout in ("nchw", "nhwc"):
         x, w, b, res = make_inputs(SHAPES[0], torch.float32, device, layout, with_residual=True)
         torch.library.opcheck(fwd, (x, w, b, res, [1, 1], [1, 1], [1, 1], 1, "silu", True))
+        # relu's training form: nothing saved, the backward reads the output
+        torch.library.opcheck(fwd, (x, w, b, res, [1, 1], [1, 1], [1, 1], 1, "relu", False))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+def test_gradient_without_a_saved_derivative_is_a_clear_error(backend, device):
+    fwd = torch.ops.fuseformer.triton_conv2d_act_fwd if backend == "triton" else torch.ops.fuseformer.conv2d_act_fwd
+    x, w, b, _ = make_inputs(SHAPES[0], torch.float32, device, "nchw", with_residual=False)
+    with pytest.raises(RuntimeError, match="'gelu' needs the op called with save=True"):
+        fwd(x, w, b, None, [1, 1], [1, 1], [1, 1], 1, "gelu", False)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

@@ -19,8 +19,10 @@ Backends: "cpu" (csrc/cpu/conv.cpp: for inference in float32 one oneDNN convolut
 bias, residual and activation as post-ops and the weight packed once and cached; otherwise
 ATen's convolution, then one fused pass for bias + residual + activation), "triton"
 (implicit-GEMM forward with the epilogue fused, groups = 1, kernels/conv.py), "torch" (the
-reference). Both kernels save act' for the backward, which multiplies it into the upstream
-gradient and runs ATen's convolution_backward. conv2d_bn_act folds the BatchNorm into the
+reference). For the backward the kernels save act', which it multiplies into the upstream
+gradient before ATen's convolution_backward; except for "relu" and "none", whose derivative
+is read off the output (out > 0) or is 1, so their training forward writes no more than
+inference does (on the CPU: the same single oneDNN call). conv2d_bn_act folds the BatchNorm into the
 weight and bias (float arithmetic, differentiably) and calls conv2d_act; on the CPU, without
 gradients, the C++ op folds it and caches the folded, packed weight.
 
@@ -86,10 +88,19 @@ def _conv_fwd_fake(x, weight, bias, residual, stride, padding, dilation, groups,
     return out, (torch.empty_like(out) if save else x.new_empty(0))
 
 
+def saves_act_grad(activation: str) -> bool:
+    """Whether the forward must write act' for the backward (relu's is out > 0, none's 1)."""
+    return activation not in ("none", "relu")
+
+
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, residual, stride, padding, dilation, groups, activation, _save = inputs
-    _out, saved = output
-    ctx.save_for_backward(x, weight, saved)
+    x, weight, bias, residual, stride, padding, dilation, groups, activation, save = inputs
+    out, saved = output
+    if not save and saves_act_grad(activation):
+        raise RuntimeError(f"fuseformer conv2d_act: the gradient through activation {activation!r} needs the op "
+                           "called with save=True (fuseformer.ops.conv2d_act passes it when an input requires grad)")
+    ctx.save_for_backward(x, weight, saved if save else (out if activation == "relu" else None))
+    ctx.act_grad_saved = save
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.activation = activation
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
@@ -100,7 +111,12 @@ def _conv_setup_context(ctx, inputs, output):
 def _conv_backward(ctx, grad_out, _grad_saved):
     x, weight, saved = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
-    dz = grad_out * saved if ctx.activation != "none" else grad_out
+    if ctx.activation == "none":
+        dz = grad_out
+    elif ctx.act_grad_saved:
+        dz = grad_out * saved
+    else:  # relu: saved is the output
+        dz = torch.ops.aten.threshold_backward(grad_out, saved, 0)
     needs = ctx.needs_input_grad
     want_bias = ctx.has_bias and needs[2]
     half = grad_out.dtype != torch.float32
@@ -112,7 +128,8 @@ def _conv_backward(ctx, grad_out, _grad_saved):
         [0, 0], groups, [needs[0], needs[1], want_bias and not half],
     )
     if want_bias and half:
-        full = grad_out.float() * saved.float() if ctx.activation != "none" else grad_out.float()
+        # relu / none: dz is grad_out or zero, exact in any dtype
+        full = grad_out.float() * saved.float() if ctx.act_grad_saved else dz.float()
         grad_b = full.sum((0, 2, 3)).to(grad_out.dtype)
     elif not want_bias:
         grad_b = None
@@ -297,15 +314,16 @@ def conv2d_act(
     op = "fuseformer.ops.conv2d_act"
     x, weight, bias, residual, stride, pad, dilation = _check_conv(op, x, weight, bias, residual, stride, padding,
                                                                    dilation, groups, activation)
-    save = _wants_grad(x, weight, bias, residual)
-    backend = _route(backends.resolve("conv", x.device), x, pad, groups, save, op)
+    training = _wants_grad(x, weight, bias, residual)
+    backend = _route(backends.resolve("conv", x.device), x, pad, groups, training, op)
     if backend == "torch":
         z = F.conv2d(x, weight, bias, stride, padding if pad is None else pad, dilation, groups)
         if residual is not None:
             z = z + residual
         return activation_fn(activation)(z)
     fwd = torch.ops.fuseformer.triton_conv2d_act_fwd if backend == "triton" else torch.ops.fuseformer.conv2d_act_fwd
-    out, _saved = fwd(x, weight, bias, residual, stride, pad, dilation, groups, activation, save)
+    out, _saved = fwd(x, weight, bias, residual, stride, pad, dilation, groups, activation,
+                      training and saves_act_grad(activation))
     return out
 
 
