@@ -10,6 +10,7 @@ bf16 runs only on CUDA: the Triton interpreter computes bf16 dots wrongly (ENGIN
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -538,6 +539,22 @@ def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, d
             lowp, _ = math_attention(*dense, **kw)
             assert_matches_reference(f"out[{b}] splits={num_splits}", out[b : b + 1], ref, lowp)
             torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("seqlen,want_kernel", [(32, False), (256, True)], ids=["small", "large"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_default_takes_the_kernels_from_128x128_scores(monkeypatch, seqlen, want_kernel, causal):
+    if ("cpu", "cpu") not in PAIRS or fuseformer.backends.resolve("attention", torch.device("cpu")) != "cpu":
+        pytest.skip("the C++ CPU kernels are not the CPU default here")
+    attention_ops = sys.modules["fuseformer.ops.attention"]  # the package exports the function under that name
+    calls = []
+    real = attention_ops._cpp_attention
+    monkeypatch.setattr(attention_ops, "_cpp_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make_qkv((1, 2, 2, seqlen, seqlen, 32), torch.float32, "cpu")
+    out = fuseformer.ops.attention(q, k, v, is_causal=causal)
+    assert bool(calls) == want_kernel
+    with fuseformer.use_backend("torch"):
+        torch.testing.assert_close(out, fuseformer.ops.attention(q, k, v, is_causal=causal), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

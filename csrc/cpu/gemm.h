@@ -77,12 +77,15 @@ class PackedLinear {
   }
 
   // a bᵀ (+ addend (M, N)) for operands made per call, such as attention's tiles: a (M, K) and
-  // b (N, K) as they are (any strides: oneDNN reads them strided), float32; oneDNN from kMinRows
-  // rows (single-threaded at attention's tile shapes, 256x64 by 64x512: 2.0x ATen's MKL, which
-  // takes its AVX2 path on these AMD CPUs; benchmarks/NOTES.md), ATen's GEMM below or without it.
+  // b (N, K) as they are (any strides: oneDNN reads them strided), float32. oneDNN from
+  // kMinProductMacs multiply-adds (single-threaded at attention's tile shapes, 256x64 by
+  // 64x512: 2.0x ATen's MKL, which takes its AVX2 path on these AMD CPUs); below, its ~10 us
+  // fixed cost a call loses to ATen's GEMM (32x64x32: 12 vs 3 us; even at 128x64x128: 19 vs
+  // 21; benchmarks/NOTES.md), which also runs where oneDNN is missing.
+  static constexpr int64_t kMinProductMacs = int64_t{1} << 20;
   static at::Tensor product(const at::Tensor& a, const at::Tensor& b,
                             const std::optional<at::Tensor>& addend = std::nullopt) {
-    if (!usable(b, a.size(0)) || a.scalar_type() != at::kFloat || b.size(0) == 0 || a.size(1) == 0) {
+    if (!usable(b, a.size(0)) || a.scalar_type() != at::kFloat || a.size(0) * a.size(1) * b.size(0) < kMinProductMacs) {
       return addend ? at::addmm(*addend, a, b.t()) : at::mm(a, b.t());
     }
     if (!addend) return onednn_linear(a, b, std::nullopt);
@@ -98,8 +101,8 @@ class PackedLinear {
   // the input, K·N for the result's transpose). Measured M x N x K: 1024x1024x256 1.46 vs
   // 2.82 ms, 8192x1024x256 11.8 vs 20.2, 2048x768x3072 26.2 vs 44.8, 4096x4096x1024 83 vs 151.
   static at::Tensor weight_grad(const at::Tensor& dz, const at::Tensor& x) {
-    if (!dnnl_ops().ok || dz.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat || dz.size(0) == 0 ||
-        !at::globalContext().userEnabledMkldnn()) {
+    if (!dnnl_ops().ok || dz.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat ||
+        dz.size(0) * dz.size(1) * x.size(1) < kMinProductMacs || !at::globalContext().userEnabledMkldnn()) {
       return at::mm(dz.t(), x);
     }
     auto product_t = [](const at::Tensor& a, const at::Tensor& b) {  // aᵀ b

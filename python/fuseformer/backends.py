@@ -38,10 +38,10 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "layer_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Attention (dense and packed): the Triton flash kernels on CUDA (not yet measured on a
-    # GPU). On CPU (benchmarks/results/cpu/attention.md) the C++ kernels are 1.1-1.7x SDPA
-    # causal and 0.95-1.09x non-causal, and lose below ~128x128 scores per head, so calls
-    # SDPA can run that are non-causal or that small stay on SDPA (ops/attention.py) and
-    # everything else takes the C++ kernels.
+    # GPU). On CPU (benchmarks/results/cpu/attention.md) the C++ kernels (tile GEMMs through
+    # oneDNN) are 1.5-2.2x SDPA causal or not, and lose below ~128x128 scores per head, so
+    # calls SDPA can run that are that small stay on SDPA (ops/attention.py) and everything
+    # else takes the C++ kernels.
     "attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # KV-cache decode: split-K Triton on CUDA. On CPU the C++ decode kernel (direct dot
     # products, a GQA group's heads share each key row, split-K over the threads): 1.1-1.9x

@@ -293,8 +293,9 @@ def math_attention(
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
-# Below this many scores per head (S x L) the C++ CPU kernels lose to SDPA (measured:
-# S = L = 64 causal fwd+bwd 562 vs 436 us, 128: 1704 vs 1825 us; benchmarks/NOTES.md).
+# Below this many scores per head (S x L) the C++ CPU kernels lose to SDPA, causal or not
+# (measured at B x H = 4 and 32, D = 64: S = L = 64 0.71-0.92x, 96 0.95-1.19x, 128 1.04-1.29x
+# forward and forward+backward; benchmarks/NOTES.md).
 CPU_SDPA_BELOW_SCORES = 128 * 128
 
 
@@ -502,9 +503,9 @@ def attention(
     if backend == "cpu" and backends.forced_backend() is None and _sdpa_can_run(
         mask, alibi_slopes, softcap, window, lower_right, return_lse, seqlen_q, seqlen_k
     ):
-        # SDPA's CPU flash path is as fast or faster for non-causal calls and below ~128x128
-        # scores (calls too small to amortize our per-call cost); backends.DEFAULTS.
-        if window[1] < 0 or seqlen_q * seqlen_k < CPU_SDPA_BELOW_SCORES:
+        # SDPA's CPU flash path is faster below ~128x128 scores (calls too small to amortize
+        # our per-call cost); backends.DEFAULTS.
+        if seqlen_q * seqlen_k < CPU_SDPA_BELOW_SCORES:
             backend = "torch"
     if backend == "torch":
         out, lse = _torch_attention(q, k, v, mask, scale, window, softcap, alibi_slopes, lower_right, dropout_p, return_lse)
