@@ -65,8 +65,9 @@ TORCH_LIBRARY(fuseformer, m) {
 
   // ---- conv: act(conv2d(x, weight) + bias + residual), 2-D, NCHW or channels-last ----
   // The output has x's suggested memory format. save: keep saved = act'(pre-activation)
-  // (empty otherwise); the backward (autograd in python/fuseformer/ops/conv.py) multiplies it
-  // into the upstream gradient and runs ATen's convolution_backward.
+  // (empty otherwise; relu and none need none: the backward reads relu's off the output); the
+  // backward (csrc/autograd/conv.cpp for the C++ op, python/fuseformer/ops/conv.py for the
+  // Triton one) multiplies it into the upstream gradient and runs ATen's convolution_backward.
   m.def(
       "conv2d_act_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[] stride, int[] padding, "
       "int[] dilation, int groups, str activation, bool save) -> (Tensor out, Tensor saved)");

@@ -231,15 +231,22 @@ std::pair<int64_t, int64_t> tile_key_range(const Problem& p, int64_t b, int64_t 
   return {std::min(lo, keys), std::min(keys, std::max(lo, hi))};
 }
 
+// t (B, H, S, D) with each head's rows packed: the tile GEMMs read key and value tiles (and
+// in the backward query tiles) as oneDNN weights, which must be dense (PackedLinear::dense).
+// A (B, S, H, D) buffer viewed as (B, H, S, D), as after a QKV projection, is copied once a
+// call: B·H·S·D elements against the attention's 4·B·H·S·L·D FLOPs.
+at::Tensor dense_heads(const at::Tensor& t) { return t.stride(2) == t.size(3) || t.size(2) <= 1 ? t : t.contiguous(); }
+
 // ---- forward -------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
                                                  const std::optional<at::Tensor>& mask,
                                                  const std::optional<at::Tensor>& alibi_slopes,
                                                  const std::optional<at::Tensor>& seqlens_k, double scale,
                                                  double softcap, int64_t window_left, int64_t window_right,
                                                  bool lower_right) {
-  check_inputs(q, k, v, mask, alibi_slopes, seqlens_k);
+  check_inputs(q, k_in, v_in, mask, alibi_slopes, seqlens_k);
+  const at::Tensor k = dense_heads(k_in), v = dense_heads(v_in);
   const Problem p = make_problem(q, k, mask, alibi_slopes, seqlens_k, scale, softcap, window_left, window_right,
                                  lower_right);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -332,11 +339,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 // ---- backward ------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& seqlens_k, double scale,
     double softcap, int64_t window_left, int64_t window_right, bool lower_right) {
-  check_inputs(q, k, v, mask, alibi_slopes, seqlens_k);
+  check_inputs(q_in, k_in, v_in, mask, alibi_slopes, seqlens_k);
+  const at::Tensor q = dense_heads(q_in), k = dense_heads(k_in), v = dense_heads(v_in);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat,
               "fuseformer attention (cpu): grad_out and out must be float32 and shaped like q");

@@ -26,8 +26,9 @@ inference does (on the CPU: the same single oneDNN call). conv2d_bn_act folds th
 weight and bias (float arithmetic, differentiably) and calls conv2d_act; on the CPU, without
 gradients, the C++ op folds it and caches the folded, packed weight.
 
-Registered ops: "fuseformer::conv2d_act_fwd" (C++) and "fuseformer::triton_conv2d_act_fwd"
-(Triton), each with a fake implementation and the autograd formula below;
+Registered ops: "fuseformer::conv2d_act_fwd" (C++; its autograd in C++, csrc/autograd/conv.cpp,
+the same formula) and "fuseformer::triton_conv2d_act_fwd" (Triton; the autograd formula
+below), each with a fake implementation;
 "fuseformer::conv2d_bn_act_fwd" (C++ CPU) with a fake implementation and an autograd formula
 that differentiates the folded form.
 """
@@ -190,8 +191,7 @@ def _bn_backward(ctx, grad_out):
 torch.library.register_fake("fuseformer::triton_conv2d_act_fwd")(_conv_fwd_fake)
 torch.library.register_autograd("fuseformer::triton_conv2d_act_fwd", _conv_backward, setup_context=_conv_setup_context)
 if _extension.loaded():
-    torch.library.register_fake("fuseformer::conv2d_act_fwd")(_conv_fwd_fake)
-    torch.library.register_autograd("fuseformer::conv2d_act_fwd", _conv_backward, setup_context=_conv_setup_context)
+    torch.library.register_fake("fuseformer::conv2d_act_fwd")(_conv_fwd_fake)  # autograd: csrc/autograd/conv.cpp
     torch.library.register_fake("fuseformer::conv2d_bn_act_fwd")(_bn_fwd_fake)
     torch.library.register_autograd("fuseformer::conv2d_bn_act_fwd", _bn_backward, setup_context=_bn_setup_context)
 
