@@ -151,7 +151,8 @@ def _w8a8_gemm(
         else:
             a = tl.load(q_ptr + offs_m[:, None] * K + kk[None, :], mask=a_mask, other=0)
             b = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=b_mask, other=0)
-        acc = tl.dot(a, b, acc)
+        # out_dtype said: triton 3.6 checks the accumulator against it (float32 by default)
+        acc = tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32)
     sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     out = acc.to(tl.float32) * sx[:, None] * sw[None, :]
