@@ -239,8 +239,8 @@ at::Tensor dense_heads(const at::Tensor& t) { return t.stride(2) == t.size(3) ||
 
 // ---- forward -------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
-                                                 const std::optional<at::Tensor>& mask,
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
                                                  const std::optional<at::Tensor>& alibi_slopes,
                                                  const std::optional<at::Tensor>& seqlens_k, double scale,
                                                  double softcap, int64_t window_left, int64_t window_right,
@@ -340,7 +340,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& seqlens_k, double scale,
     double softcap, int64_t window_left, int64_t window_right, bool lower_right) {
   check_inputs(q_in, k_in, v_in, mask, alibi_slopes, seqlens_k);

@@ -77,7 +77,7 @@ class PackedLinear {
   }
 
   // a bᵀ (+ addend (M, N)) for operands made per call, such as attention's tiles: a (M, K) and
-  // b (N, K) as they are (any strides: oneDNN reads them strided), float32. oneDNN from
+  // b (N, K) as they are where oneDNN reads them fast (else copied: dense()), float32. oneDNN from
   // kMinProductMacs multiply-adds (single-threaded at attention's tile shapes, 256x64 by
   // 64x512: 2.0x ATen's MKL, which takes its AVX2 path on these AMD CPUs); below, its ~10 us
   // fixed cost a call loses to ATen's GEMM (32x64x32: 12 vs 3 us; even at 128x64x128: 19 vs

@@ -58,8 +58,9 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # Convolution + bias (+ residual) + activation: the Triton implicit GEMM on CUDA (not yet
     # measured on a GPU). CPU (benchmarks/results/cpu/conv.md): float32 inference takes the
     # C++ kernels (one oneDNN convolution with the epilogue as post-ops and the weight packed
-    # once); training stays on eager, which the C++ pass after ATen's convolution does not
-    # beat (0.86-0.99x forward+backward; ops/conv.py routes per call).
+    # once); training stays on eager, which the forced kernels only match (forward+backward
+    # 0.94-1.07x with relu's training forward the same oneDNN call and the autograd in C++;
+    # ops/conv.py routes per call).
     "conv": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # LSTM: the fused Triton kernels on CUDA (persistent up to hidden 128, else one step
     # kernel per step; not yet measured on a GPU: bench:lstm decides between them, the CUDA
