@@ -1,6 +1,6 @@
-"""Compile the attention, linear, conv, LSTM and quantization Triton kernels for a GPU target on a machine without a GPU.
+"""Compile the attention, norm, linear, conv, LSTM and quantization Triton kernels for a GPU target on a machine without a GPU.
 
-    python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles]
+    python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles] [--only norms quant ...]
 
 Triton compiles ahead of time for an explicit target (sm_90, sm_80) without a device, so
 this catches what the interpreter cannot: compile errors in the real lowering, and tile
@@ -27,8 +27,10 @@ from kernels import attention as A  # noqa: E402  (the source tree's kernels)
 from kernels import conv as CV  # noqa: E402
 from kernels import linear as L  # noqa: E402
 from kernels import lstm as LS  # noqa: E402
+from kernels import norms as NR  # noqa: E402
 from kernels import quant as Q  # noqa: E402
 
+FAMILIES = ["attention", "decode", "norms", "linear", "conv", "lstm", "quant"]
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
 KERNELS = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}
 FLOAT_ARGS = ("scale", "softcap", "dropout_p")
@@ -72,9 +74,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--all-tiles", action="store_true", help="every autotune candidate, not only the defaults")
+    parser.add_argument("--only", nargs="+", choices=FAMILIES, default=FAMILIES, help="these kernel families only")
     args = parser.parse_args()
     failed = False
-    for arch in args.arch:
+    for arch in args.arch if "attention" in args.only else ():
         target = GPUTarget("cuda", arch, 32)
         for kind, fn in KERNELS.items():
             for dtype in ("fp16", "bf16", "fp32"):
@@ -102,12 +105,13 @@ def main() -> int:
                         print(f"{'ok  ' if fits else 'BIG '}  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}"
                               f"{' default' if default else ''}: {time.time() - start:5.1f} s, shared {shared} B"
                               f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
+    compilers = {"decode": compile_decode, "norms": compile_norms, "linear": compile_linear, "conv": compile_conv,
+                 "lstm": compile_lstm, "quant": compile_quant}
     for arch in args.arch:
-        failed |= not compile_decode(GPUTarget("cuda", arch, 32))
-        failed |= not compile_linear(GPUTarget("cuda", arch, 32), args.all_tiles)
-        failed |= not compile_conv(GPUTarget("cuda", arch, 32))
-        failed |= not compile_lstm(GPUTarget("cuda", arch, 32))
-        failed |= not compile_quant(GPUTarget("cuda", arch, 32))
+        for family, compile_family in compilers.items():
+            if family in args.only:
+                target = GPUTarget("cuda", arch, 32)
+                failed |= not (compile_family(target, args.all_tiles) if family == "linear" else compile_family(target))
     return 1 if failed else 0
 
 
@@ -200,6 +204,36 @@ def _compile_one(fn, sig: dict, consts: dict, target, options: dict, label: str)
     print(f"ok    sm_{target.arch} {fn.fn.__name__} {label}: {time.time() - start:5.1f} s, "
           f"shared {kernel.metadata.shared} B")
     return True
+
+
+def compile_norms(target) -> bool:
+    """LayerNorm / RMSNorm forward and backward (kernels/norms.py): fp16/bf16/fp32, a row in one
+    tile and a row streamed in chunks, residual, weight and bias on, the warps the launchers pick."""
+    ok = True
+    for dtype in ("fp16", "bf16", "fp32"):
+        for rms in (False, True):
+            for single in (True, False):
+                block = 4096 if single else NR.CHUNK
+                for fn, flags, warps in (
+                    (NR._norm_fwd_kernel, dict(HAS_RES=True, HAS_W=True, HAS_B=not rms), NR._fwd_num_warps(block)),
+                    (NR._norm_bwd_kernel, dict(HAS_DRES=True, HAS_W=True, HAS_DB=not rms), NR._bwd_num_warps(block)),
+                ):
+                    consts = dict(flags, IS_RMS=rms, BLOCK_N=block, SINGLE_TILE=single, SOFTWARE_BF16=False)
+                    sig = {}
+                    for name in inspect.signature(fn.fn).parameters:
+                        if name in consts:
+                            sig[name] = "constexpr"
+                        elif name in ("MEAN", "RSTD", "DW_PART", "DB_PART"):
+                            sig[name] = "*fp32"
+                        elif name in ("n_float", "eps"):
+                            sig[name] = "fp32"
+                        elif name.isupper() and name not in ("M", "N"):
+                            sig[name] = f"*{dtype}"
+                        else:  # sizes
+                            sig[name] = "i32"
+                    label = f"{'rms' if rms else 'layer'} {dtype} {'one tile' if single else 'streamed'} {block}"
+                    ok &= _compile_one(fn, sig, consts, target, {"num_warps": warps}, label)
+    return ok
 
 
 def compile_conv(target) -> bool:
