@@ -178,7 +178,9 @@ def environment(device: str) -> dict[str, Any]:
     env["git_commit"] = os.environ.get("FUSEFORMER_GIT_COMMIT")
     if not env["git_commit"]:
         try:
-            proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            # The package's own checkout (an editable install), wherever the bench runs from.
+            source = os.path.dirname(os.path.abspath(__file__))
+            proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=source)
             env["git_commit"] = proc.stdout.strip() if proc.returncode == 0 else None
         except (OSError, subprocess.SubprocessError):
             env["git_commit"] = None

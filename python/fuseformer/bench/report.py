@@ -41,12 +41,23 @@ def _size(row: dict) -> float:
     return float(math.prod(row["shape"]))
 
 
+def _size_axis(group: list[dict]):
+    """How a panel measures problem size: the op's FLOPs when every row has a FLOP rate, else
+    the bytes an ideal kernel moves, else the product of the shape (which cannot tell apart
+    shapes of one element count, such as attention's B x H x S x D at different S)."""
+    if all(r.get("TFLOPs") for r in group):
+        return (lambda r: r["TFLOPs"] * r["time_ms"] * 1e9), "problem size (FLOPs of the op)"
+    if all(r.get("GBps") for r in group):
+        return (lambda r: r["GBps"] * r["time_ms"] * 1e6), "problem size (bytes an ideal kernel moves)"
+    return _size, "problem size (elements of the shape)"
+
+
 # ---- plots --------------------------------------------------------------------------------
 
 
 def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
     """Per (op, pass): fuseformer's speedup over the fastest baseline and over eager,
-    against problem size (the product of the shape)."""
+    against problem size (_size_axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +72,9 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
     nrows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
     for ax, ((op, direction), group) in zip(axes.flat, groups.items()):
+        size, size_label = _size_axis(group)
         for impl in dict.fromkeys(r["impl"] for r in group):
-            points = sorted(((_size(r), r) for r in group if r["impl"] == impl), key=lambda p: p[0])
+            points = sorted(((size(r), r) for r in group if r["impl"] == impl), key=lambda p: p[0])
             xs = [p[0] for p in points]
             for key, style, label in (("speedup_vs_best", "-o", "vs best baseline"),
                                       ("speedup_vs_torch eager", "--s", "vs eager")):
@@ -71,7 +83,7 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> None:
                     ax.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=f"{impl} {label}", markersize=4)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("problem size (elements of the shape)")
+        ax.set_xlabel(size_label)
         ax.set_ylabel("speedup (x)")
         ax.set_title(f"{op} {direction}", fontsize=10)
         ax.legend(fontsize=6)
