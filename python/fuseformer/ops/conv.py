@@ -22,9 +22,9 @@ ATen's convolution, then one fused pass for bias + residual + activation), "trit
 reference). For the backward the kernels save act', which it multiplies into the upstream
 gradient before ATen's convolution_backward; except for "relu" and "none", whose derivative
 is read off the output (out > 0) or is 1, so their training forward writes no more than
-inference does (on the CPU: the same single oneDNN call). conv2d_bn_act folds the BatchNorm into the
-weight and bias (float arithmetic, differentiably) and calls conv2d_act; on the CPU, without
-gradients, the C++ op folds it and caches the folded, packed weight.
+inference does (on the CPU: the same single oneDNN call). conv2d_bn_act folds the BatchNorm
+into the weight and bias (float arithmetic, differentiably) and calls conv2d_act; on the CPU,
+without gradients, the C++ op folds it and caches the folded, packed weight.
 
 Registered ops: "fuseformer::conv2d_act_fwd" (C++; its autograd in C++, csrc/autograd/conv.cpp,
 the same formula) and "fuseformer::triton_conv2d_act_fwd" (Triton; the autograd formula
