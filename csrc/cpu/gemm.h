@@ -73,7 +73,7 @@ class PackedLinear {
   // the plain weight 1.26 ms, reorder + packed 1.8 ms, ATen's MKL 3.5 ms). ATen elsewhere.
   static at::Tensor plain(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
     if (!usable(weight, x.size(0))) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-    return onednn_linear(x.contiguous(), weight.contiguous(), bias);
+    return onednn_linear(x, weight, bias);
   }
 
   // a bᵀ (+ addend (M, N)) for operands made per call, such as attention's tiles: a (M, K) and
@@ -88,10 +88,7 @@ class PackedLinear {
     if (!usable(b, a.size(0)) || a.scalar_type() != at::kFloat || a.size(0) * a.size(1) * b.size(0) < kMinProductMacs) {
       return addend ? at::addmm(*addend, a, b.t()) : at::mm(a, b.t());
     }
-    if (!addend) return onednn_linear(a, b, std::nullopt);
-    torch::jit::Stack stack{dense(a, true), addend->contiguous(), dense(b), c10::IValue(), c10::IValue("add")};
-    dnnl_ops().binary->callBoxed(&stack);
-    return stack[0].toTensor();
+    return addend ? onednn_linear_add(a, *addend, b) : onednn_linear(a, b, std::nullopt);
   }
 
   // dzᵀ x, a weight gradient ((N, K) from dz (M, N) and x (M, K)), through oneDNN: 1.45-2.0x
@@ -123,12 +120,7 @@ class PackedLinear {
       if (addend) return at::addmm(*addend, x, weight_.t());
       return bias ? at::addmm(*bias, x, weight_.t()) : at::mm(x, weight_.t());
     }
-    if (addend) {
-      torch::jit::Stack stack{x.contiguous(), addend->contiguous(), packed_, c10::IValue(), c10::IValue("add")};
-      dnnl_ops().binary->callBoxed(&stack);
-      return stack[0].toTensor();
-    }
-    return onednn_linear(x.contiguous(), packed_, bias);
+    return addend ? onednn_linear_add(x, *addend, packed_) : onednn_linear(x, packed_, bias);
   }
 
  private:
@@ -147,15 +139,25 @@ class PackedLinear {
     return row_major || col_major ? t : t.contiguous();
   }
 
-  // input Wᵀ (+ bias) by oneDNN's linear, W plain or reordered.
+  // input Wᵀ (+ bias) by oneDNN's linear, W plain or reordered; operands made dense as needed.
   static at::Tensor onednn_linear(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias) {
-    const at::Tensor w = weight.is_mkldnn() ? weight : dense(weight);
-    torch::jit::Stack stack{dense(input, true), w, bias ? c10::IValue(bias->contiguous()) : c10::IValue(),
-                            c10::IValue("none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    torch::jit::Stack stack{dense(input, true), dense_weight(weight),
+                            bias ? c10::IValue(bias->contiguous()) : c10::IValue(), c10::IValue("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     dnnl_ops().unary->callBoxed(&stack);
     return stack[0].toTensor();
   }
+
+  // addend + input Wᵀ by oneDNN's linear with a sum post-op (its binary overload).
+  static at::Tensor onednn_linear_add(const at::Tensor& input, const at::Tensor& addend, const at::Tensor& weight) {
+    torch::jit::Stack stack{dense(input, true), addend.contiguous(), dense_weight(weight), c10::IValue(),
+                            c10::IValue("add")};
+    dnnl_ops().binary->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+
+  static at::Tensor dense_weight(const at::Tensor& weight) { return weight.is_mkldnn() ? weight : dense(weight); }
 
   PackedLinear(const at::Tensor& weight, int64_t /*rows*/, bool /*cached*/, bool /*pack_now*/) : weight_(weight) {}
 
