@@ -125,14 +125,25 @@ class AtenLinear {
   }
   // dzᵀ x: a weight gradient, (N, K) from dz (M, N) and x (M, K).
   static at::Tensor weight_grad(const at::Tensor& dz, const at::Tensor& x) { return at::mm(dz.t(), x); }
+  // The same from dzᵀ (N, M) itself.
+  static at::Tensor weight_grad_t(const at::Tensor& dz_t, const at::Tensor& x) { return at::mm(dz_t, x); }
+  // dz weight (an input gradient, (M, K) for weight (N, K)) from dzᵀ (N, M).
+  static at::Tensor input_grad_t(const at::Tensor& weight, const at::Tensor& dz_t) { return at::mm(dz_t.t(), weight); }
 
  private:
   at::Tensor weight_;
 };
 
+// What a device's own backward walk hands back: dgatesᵀ (4H, rows), which the weight
+// gradients' GEMMs read as it is (from dgates they would transpose an operand and the
+// result), and the bias gradient (4H, float32).
+struct WalkResult {
+  at::Tensor dgates_t, grad_bias;
+};
+
 // What a device supplies: Linear (a class like AtenLinear: built once per weight and layer
 // call, applied at every step), the fused pointwise passes of one step over rows [0, n), and
-// fused_bwd_walk(s, grad_out, gates, cells, c0, w_hh, dh_run, dc_run, dgates): the whole walk
+// fused_bwd_walk(s, grad_out, gates, cells, c0, w_hh, dh_run, dc_run, result): the whole walk
 // of the backward (no projection) in a loop of its own, or false to take walk_bwd's.
 //
 // Forward: pre (n, 4H) = x_proj rows + h_prev W_hhᵀ; c_prev rows from prev_cells (first
@@ -288,7 +299,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor c0 = c0_in.to(at::kFloat).contiguous();
   at::Tensor dh_run = grad_h_n.to(dtype).contiguous().clone();
   at::Tensor dc_run = grad_c_n.to(at::kFloat).contiguous().clone();
-  at::Tensor dgates = s.has_padding() ? at::zeros({rows, 4 * H}, opts) : at::empty({rows, 4 * H}, opts);
   // What the weight gradients read, per row: h_prev (for W_hh), and with a projection the
   // gradient reaching h and h_raw (for W_hr).
   at::Tensor h_prev = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
@@ -315,15 +325,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   // The walk back through the steps: dgates per step, dh_run and dc_run carried to the step
   // before. A device may run it as a fused loop of its own (false where it does not).
-  if (w_hr || !Device::fused_bwd_walk(s, grad_out, gates, cells, c0, w_hh, dh_run, dc_run, dgates)) {
+  // (A device's own walk hands back dgatesᵀ instead: result.)
+  WalkResult result;
+  at::Tensor dgates;
+  if (w_hr || !Device::fused_bwd_walk(s, grad_out, gates, cells, c0, w_hh, dh_run, dc_run, result)) {
+    dgates = s.has_padding() ? at::zeros({rows, 4 * H}, opts) : at::empty({rows, 4 * H}, opts);
     walk_bwd<Device>(s, grad_out, gates, cells, c0, w_hh, w_hr, dh_run, dc_run, dgates, dh_all, h_raw_all);
   }
   // The input and weight gradients, one GEMM each over every step's rows.
-  at::Tensor grad_x =
-      needs_input_grad ? Device::Linear::transposed(w_ih, rows, /*cached=*/true)(dgates) : at::empty({0}, opts);
-  at::Tensor grad_w_ih = Device::Linear::weight_grad(dgates, x);
-  at::Tensor grad_bias = has_bias ? dgates.sum(0, false, at::kFloat).to(dtype) : at::empty({0}, opts);
-  at::Tensor grad_w_hh = Device::Linear::weight_grad(dgates, h_prev);
+  const at::Tensor& dgates_t = result.dgates_t;
+  at::Tensor grad_x = !needs_input_grad    ? at::empty({0}, opts)
+                      : dgates_t.defined() ? Device::Linear::input_grad_t(w_ih, dgates_t)
+                                           : Device::Linear::transposed(w_ih, rows, /*cached=*/true)(dgates);
+  const auto weight_grad = [&](const at::Tensor& operand) {
+    return dgates_t.defined() ? Device::Linear::weight_grad_t(dgates_t, operand)
+                              : Device::Linear::weight_grad(dgates, operand);
+  };
+  at::Tensor grad_w_ih = weight_grad(x);
+  at::Tensor grad_bias = !has_bias                    ? at::empty({0}, opts)
+                         : result.grad_bias.defined() ? result.grad_bias.to(dtype)
+                                                      : dgates.sum(0, false, at::kFloat).to(dtype);
+  at::Tensor grad_w_hh = weight_grad(h_prev);
   at::Tensor grad_w_hr = w_hr ? Device::Linear::weight_grad(dh_all, h_raw_all) : at::empty({0}, opts);
   return {grad_x, grad_w_ih, grad_bias, dh_run, dc_run.to(dtype), grad_w_hh, grad_w_hr};
 }

@@ -85,7 +85,7 @@ struct CudaCells {
 
   // The backward walks the steps with lstm::walk_bwd (a cell kernel and a cuBLAS GEMM each).
   static bool fused_bwd_walk(const lstm::Steps&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+                             const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, lstm::WalkResult&) {
     return false;
   }
 
