@@ -333,14 +333,36 @@ __attribute__((target("avx512f"), always_inline)) inline void transpose_16x16(__
   }
 }
 
+// bias[0, 16) += sum, in double.
+__attribute__((target("avx512f"), always_inline)) inline void add_to_bias(double* bias, __m512 sum) {
+  const __m256 lo = _mm512_castps512_ps256(sum);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
+  _mm512_storeu_pd(bias, _mm512_add_pd(_mm512_loadu_pd(bias), _mm512_cvtps_pd(lo)));
+  _mm512_storeu_pd(bias + 8, _mm512_add_pd(_mm512_loadu_pd(bias + 8), _mm512_cvtps_pd(hi)));
+}
+
+constexpr int64_t kScalarTransposeRows = 8;
+
 // One gate's 16 columns of a block's dgates (block_dz: n rows of 4 x 16, in L1), gate g: into
 // dgatesᵀ, 16 rows at a time through a register transpose (each column's rows are one run
 // there), and summed over the rows into the bias gradient, which this thread alone owns.
 __attribute__((target("avx512f"))) void transpose_block(const SmallBwdStep& a, const float* block_dz, int64_t g,
                                                         int64_t j0) {
   const int64_t col = g * a.H + j0;
-  alignas(64) float stage[kUnits][kSmallBatchMax];
   __m512 sum = _mm512_setzero_ps();
+  if (a.n < kScalarTransposeRows) {  // a register transpose would move mostly zeros
+    for (int64_t r = 0; r < a.n; ++r) {
+      const float* row = block_dz + (r * 4 + g) * kUnits;
+      sum = _mm512_add_ps(sum, _mm512_load_ps(row));
+      for (int64_t j = 0; j < kUnits; ++j) {
+        a.dz_t[(col + j) * a.rows_total + a.off + r] = row[j];
+        a.dz_t_step[(col + j) * a.n + r] = row[j];
+      }
+    }
+    add_to_bias(a.grad_bias + col, sum);
+    return;
+  }
+  alignas(64) float stage[kUnits][kSmallBatchMax];
   for (int64_t r0 = 0; r0 < a.n; r0 += kUnits) {
     const int64_t rn = std::min(kUnits, a.n - r0);
     __m512 r[kUnits];
@@ -366,10 +388,7 @@ __attribute__((target("avx512f"))) void transpose_block(const SmallBwdStep& a, c
       _mm512_mask_storeu_ps(dst + r0, static_cast<__mmask16>((1u << (a.n - r0)) - 1), _mm512_load_ps(stage[j] + r0));
     }
   }
-  double* bias = a.grad_bias + col;
-  _mm512_storeu_pd(bias, _mm512_add_pd(_mm512_loadu_pd(bias), _mm512_cvtps_pd(_mm512_castps512_ps256(sum))));
-  _mm512_storeu_pd(bias + 8, _mm512_add_pd(_mm512_loadu_pd(bias + 8),
-                                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)))));
+  add_to_bias(a.grad_bias + col, sum);
 }
 
 __attribute__((target("avx512f"))) void small_bwd_step(const SmallBwdStep& a, int64_t u_begin, int64_t u_end) {
