@@ -147,6 +147,37 @@ def test_non_contiguous_operands(backend, device, gated):
     check_against_reference(backend, device, gated, "silu", tensors, grad_out)
 
 
+def _offset_view(shape, dtype, device, offset=1):
+    """A contiguous tensor starting `offset` elements into a buffer: for odd sizes in half
+    precision its address is 2 bytes past an alignment that GEMM libraries assume (the rows
+    of a fused projection's weight, a slice of its bias)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = torch.randn(numel + offset, device=device)
+    return buf.to(dtype)[offset:].view(shape)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("backend,device", PAIRS, ids=[f"{b}-{d}" for b, d in PAIRS])
+def test_unaligned_operands(backend, device, activation):
+    # Every operand a contiguous view at an odd element offset (cuBLASLt's epilogues read the
+    # bias and write the saved pre-activation 16 bytes at a time; its heuristic assumes
+    # 256-byte aligned matrices unless told): fused and unfused paths, training and inference.
+    m, k, n = 9, 37, 45
+    for dtype in dtypes_for(backend, device):
+        x = _offset_view((m, k), dtype, device).requires_grad_()
+        w = (_offset_view((n, k), dtype, device) / k**0.5).requires_grad_()
+        b = _offset_view((n,), dtype, device, offset=3).requires_grad_()
+        assert x.data_ptr() % 16 != 0 and b.data_ptr() % 16 != 0
+        check_against_reference(backend, device, False, activation, [x, w, b])
+        with torch.no_grad():
+            with fuseformer.use_backend(backend):
+                inference = fuseformer.ops.linear_act(x, w, b, activation)
+            want = reference(False, activation, [x.double(), w.double(), b.double()])
+            assert_matches_reference("inference out", inference, want, reference(False, activation, [x, w, b]))
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("backend,device", PAIRS, ids=[f"{b}-{d}" for b, d in PAIRS])
 def test_only_some_inputs_need_gradients(backend, device, gated):

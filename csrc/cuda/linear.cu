@@ -21,6 +21,7 @@
 #include <cublasLt.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -78,8 +79,21 @@ struct LtDescriptors {
   }
 };
 
+// The largest power of two up to 256 that divides the address.
+uint32_t alignment_of(const void* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  uint32_t alignment = 256;
+  while (alignment > 1 && address % alignment != 0) alignment /= 2;
+  return alignment;
+}
+
 // Runs the GEMM; false (nothing run) when cuBLASLt has no algorithm for this epilogue here.
 bool run_lt_gemm(const LtGemm& g) {
+  // The epilogue's vectors are read (and the aux written) 16 bytes at a time, with no
+  // preference to filter algorithms by their alignment, and the aux's leading dimension must
+  // be a multiple of 8: such calls take the caller's unfused path (a bias view such as
+  // b[1:] of a fused projection's bias would otherwise fault).
+  if ((g.bias && alignment_of(g.bias) < 16) || (g.aux && (alignment_of(g.aux) < 16 || g.ldc % 8 != 0))) return false;
   const cudaDataType_t dt = cuda_dtype(g.dtype);
   // float32 follows PyTorch's TF32 switch for matmuls, as F.linear does.
   const cublasComputeType_t compute = g.dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()
@@ -112,6 +126,17 @@ bool run_lt_gemm(const LtGemm& g) {
   FF_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
   FF_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                          &workspace_size, sizeof(workspace_size)));
+  // The heuristic assumes 256-byte aligned operands unless told: views with an offset (rows of
+  // a larger buffer, odd sizes in half precision) must only get algorithms that read them.
+  const uint32_t align_a = alignment_of(g.a), align_b = alignment_of(g.b), align_c = alignment_of(g.c);
+  FF_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                                         sizeof(align_a)));
+  FF_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                                         sizeof(align_b)));
+  FF_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c,
+                                                         sizeof(align_c)));
+  FF_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
+                                                         sizeof(align_c)));
   cublasLtMatmulHeuristicResult_t result = {};
   int returned = 0;
   const cublasStatus_t found =

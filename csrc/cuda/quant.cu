@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
 
 namespace fuseformer::cuda {
@@ -127,8 +128,12 @@ at::Tensor quantized_linear_cuda(const at::Tensor& x_in, const at::Tensor& codes
   const at::Tensor bias = bias_in ? bias_in->to(x.scalar_type()).contiguous() : at::Tensor();
   const uint8_t* z = zeros.defined() ? zeros.const_data_ptr<uint8_t>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
-  // The GEMV reads 16 bytes of codes per lane: rows of codes must be 16-byte multiples.
-  const bool gemv_fits = m <= kGemvRows && (bits == 8 ? k % 16 == 0 : k % 32 == 0);
+  // The GEMV reads 16 aligned bytes of codes per lane under one scale: rows of codes must be
+  // 16-byte multiples from a 16-byte aligned start, and groups multiples of what one load
+  // holds (16 int8 codes, 32 int4).
+  const int64_t per_load = bits == 8 ? 16 : 32;
+  const bool gemv_fits = m <= kGemvRows && k % per_load == 0 && group_size % per_load == 0 &&
+                         reinterpret_cast<uintptr_t>(codes.const_data_ptr()) % 16 == 0;
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fuseformer_quantized_linear", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
