@@ -108,7 +108,7 @@ class _BatchNormFoldedIntoConv(torch.nn.BatchNorm2d):
 def _fold_conv_bn(seq: torch.nn.Sequential, children, i: int, path: str, report: AccelerateReport) -> int:
     """Conv2d at i, BatchNorm2d at i + 1 and a fusable activation at i + 2 (optional): the
     number of children consumed, 0 if the pattern does not fit."""
-    (name, conv), (bn_name, bn) = children[i], children[i + 1]
+    (name, conv), (_, bn) = children[i], children[i + 1]
     if (type(conv) is not torch.nn.Conv2d or type(bn) is not torch.nn.BatchNorm2d or conv.padding_mode != "zeros"
             or not bn.track_running_stats or bn.num_features != conv.out_channels):
         return 0
