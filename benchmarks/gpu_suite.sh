@@ -61,11 +61,12 @@ if [ "${stages[*]}" = "lease" ]; then
   # The GPU-parametrized cases (ids carry the device: "triton-cuda", "cuda-cuda", ...); CI
   # runs the CPU ones on every change.
   TEST_TIMEOUT=$tests TEST_SELECT=${TEST_SELECT-cuda} bash "$0" test --out "$work" || status=1
-  (cd /tmp && timeout $(( $(left) - 20 )) $PY -m fuseformer.cli bench --quick --out "$work/quick") || status=1
+  # timeout's SIGTERM makes bench write the cases it finished (-k: killed 10 s later if stuck).
+  (cd /tmp && timeout -k 10 $(( $(left) - 20 )) $PY -m fuseformer.cli bench --quick --out "$work/quick") || status=1
   # Full-size benchmarks, the ones the issues' targets are judged on first.
   for family in attention linear quant models norms mlp lstm conv; do
     [ "$(left)" -lt 90 ] && { echo "gpu_suite: no time left for bench:$family and after"; break; }
-    (cd /tmp && timeout $(( $(left) - 20 )) $PY -m fuseformer.cli bench "$family" --out "$work") || status=1
+    (cd /tmp && timeout -k 10 $(( $(left) - 20 )) $PY -m fuseformer.cli bench "$family" --out "$work") || status=1
   done
   if ls "$work"/*.json >/dev/null 2>&1; then (cd /tmp && $PY -m fuseformer.cli report "$work") || status=1; fi
   pack
@@ -103,7 +104,7 @@ for stage in "${stages[@]}"; do
       families=${stage#bench:}
       [ "$stage" = bench ] && families=$(cd /tmp && $PY -c "from fuseformer.bench import FAMILIES; print(' '.join(FAMILIES))")
       for family in $families; do
-        (cd /tmp && timeout 560 $PY -m fuseformer.cli bench "$family" --out "$out") || status=1
+        (cd /tmp && timeout -k 10 560 $PY -m fuseformer.cli bench "$family" --out "$out") || status=1
       done
       # One report over every family's results in the folder (also those of earlier stages).
       (cd /tmp && $PY -m fuseformer.cli report "$out") || status=1

@@ -110,6 +110,37 @@ def test_cli_bench_quick_writes_results_and_report(tmp_path):
     assert "| layer_norm fwd | 512x1024 | float32 |" in text
 
 
+def test_cli_bench_terminated_writes_the_finished_cases(tmp_path, monkeypatch):
+    # `timeout` (the GPU suite's limit per family) sends SIGTERM: the cases finished by then
+    # are written, the run stops with 124, and the following families do not start.
+    import signal
+    import types
+
+    from fuseformer import bench, cli
+    from fuseformer.bench.harness import Case
+
+    def case(i, impl):
+        return Case("fake", "copy", "fwd", (i, 64), torch.float32, {"torch eager": impl}, bytes=512.0)
+
+    def terminate():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    fake = types.SimpleNamespace(cases=lambda device, dtype, quick: [
+        case(1, lambda: torch.ones(64).clone()), case(2, lambda: torch.ones(64).clone()), case(3, terminate),
+        case(4, lambda: torch.ones(64).clone())])
+    never = types.SimpleNamespace(cases=lambda *args: pytest.fail("a family after the terminated one ran"))
+    monkeypatch.setattr(bench, "FAMILIES", ("fake", "never"))
+    monkeypatch.setattr(bench, "family_module", {"fake": fake, "never": never}.__getitem__)
+    out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["bench", "fake", "never", "--quick", "--device", "cpu", "--out", str(out)]) == 124
+    assert signal.getsignal(signal.SIGTERM) is handler
+    data = json.loads((out / "fake.json").read_text())
+    assert [r["shape"] for r in data["results"]] == [[1, 64], [2, 64]]
+    assert "stopped by SIGTERM after 2 of 4 cases" in (out / "fake.md").read_text()
+    assert (out / "report.md").exists() and not (out / "never.json").exists()
+
+
 def test_cli_rejects_unknown_family(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fuseformer.cli", "bench", "nope", "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd="/")

@@ -9,12 +9,22 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _Terminated(BaseException):
+    """SIGTERM (what `timeout` sends) arrived during a benchmark. A BaseException, as
+    KeyboardInterrupt: the harness records an Exception from one implementation and goes on."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -39,26 +49,45 @@ def _bench(args: argparse.Namespace) -> int:
     ceilings = harness.measure_ceilings(device, args.quick)
     rates = ", ".join(f"{d} {v:.1f}" for d, v in ceilings["matmul_TFLOPs_by_dtype"].items() if v)
     print(f"measured ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul TFLOP/s {rates}")
-    for name in families:
-        module = family_module(name)
-        cases = list(module.cases(device, dtype, args.quick))
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"{name}", total=len(cases))
-            rows = harness.run_cases(cases, device, args.quick, ceilings, lambda: progress.advance(task))
-        title = f"fuseformer {name} on {env['device_name']} ({dtype_name})"
-        harness.print_table(rows, title)
-        missing = module.missing_baselines(device) if hasattr(module, "missing_baselines") else {}
-        for baseline, why in missing.items():
-            print(f"{name}: baseline {baseline} is missing ({why})")
-        paths = harness.write_results(out_dir, name, rows, env, ceilings, title, missing)
-        if hasattr(module, "write_extra"):  # a family's report beyond timings (quant: accuracy)
-            paths += module.write_extra(out_dir, device, dtype, args.quick)
-        print("wrote " + ", ".join(str(p) for p in paths))
+    # A time limit (the GPU suite runs each family under `timeout`) ends the run with the
+    # finished cases written, not lost: device time is too scarce to measure twice.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    terminated = False
+    try:
+        for name in families:
+            module = family_module(name)
+            cases = list(module.cases(device, dtype, args.quick))
+            rows: list[dict] = []
+            try:
+                with Progress(transient=True) as progress:
+                    task = progress.add_task(f"{name}", total=len(cases))
+                    harness.run_cases(cases, device, args.quick, ceilings, lambda: progress.advance(task), rows=rows)
+            except _Terminated:
+                terminated = True
+            done = len({(r["op"], r["direction"], tuple(r["shape"])) for r in rows})
+            title = f"fuseformer {name} on {env['device_name']} ({dtype_name})"
+            if terminated:
+                title += f", stopped by SIGTERM after {done} of {len(cases)} cases"
+                print(f"fuseformer bench: terminated during {name}: writing its {done} finished cases", file=sys.stderr)
+            if rows:
+                harness.print_table(rows, title)
+                missing = module.missing_baselines(device) if hasattr(module, "missing_baselines") else {}
+                for baseline, why in missing.items():
+                    print(f"{name}: baseline {baseline} is missing ({why})")
+                paths = harness.write_results(out_dir, name, rows, env, ceilings, title, missing)
+                if hasattr(module, "write_extra") and not terminated:  # beyond timings (quant: accuracy)
+                    paths += module.write_extra(out_dir, device, dtype, args.quick)
+                print("wrote " + ", ".join(str(p) for p in paths))
+            if terminated:
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     from fuseformer.bench import report
 
-    paths = report.write_report(out_dir)
-    print("report: " + ", ".join(str(p) for p in paths))
-    return 0
+    if any(out_dir.glob("*.json")):
+        paths = report.write_report(out_dir)
+        print("report: " + ", ".join(str(p) for p in paths))
+    return 124 if terminated else 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -254,11 +254,14 @@ def allow_recompiles(limit: int = 256) -> None:
         torch._dynamo.config.accumulated_recompile_limit = max(4 * limit, torch._dynamo.config.accumulated_recompile_limit)
 
 
-def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[str, float], progress=None) -> list[dict]:
+def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[str, float], progress=None,
+              rows: list[dict] | None = None) -> list[dict]:
     """Time every implementation of every case. Each row carries its speedup over each
-    baseline of the case (every implementation that is not fuseformer's)."""
+    baseline of the case (every implementation that is not fuseformer's). Rows are appended
+    to `rows` (a new list if None) case by case, so a caller interrupted midway keeps the
+    finished cases."""
     allow_recompiles()
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
     for case in cases:
         times: dict[str, float] = {}
         memory: dict[str, float | None] = {}
