@@ -460,18 +460,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_bat
                                                batch_sizes, padded, h0_in, c0_in, w_hh, std::nullopt, reverse);
   const int64_t H = s.hidden;
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
-  const at::Tensor x_proj = PackedLinear(w_ih, x.size(0), /*cached=*/true)(x, std::nullopt, bias).contiguous();
+  at::Tensor x_proj = PackedLinear(w_ih, x.size(0), /*cached=*/true)(x, std::nullopt, bias).contiguous();
   constexpr int64_t kInterleavedKey = 4;
   const at::Tensor w = recurrent_layout(w_hh, kInterleavedKey, H, interleave_recurrent);
   const int64_t rows = x_proj.size(0);
   at::Tensor out = s.has_padding() ? at::zeros({rows, H}, x_proj.options()) : at::empty({rows, H}, x_proj.options());
   at::Tensor h_n = h0.clone(), c_n = c0.clone();  // rows that never run keep their initial state
-  // Padding rows of the saves are never written: zeros, as csrc/lstm.h's.
-  const auto saves = [&](int64_t cols) {
-    if (!save) return at::empty({0}, x_proj.options());
-    return s.has_padding() ? at::zeros({rows, cols}, x_proj.options()) : at::empty({rows, cols}, x_proj.options());
-  };
-  at::Tensor gates = saves(4 * H), cells = saves(H);
+  // Padding rows of the saves are never written: zeros, as csrc/lstm.h's. The activated
+  // gates overwrite x_proj in place (a block reads its pre-activations before it writes the
+  // gates at the same addresses, and no other thread reads them): no second (rows, 4H)
+  // buffer to allocate, fault in and write.
+  at::Tensor cells = !save ? at::empty({0}, x_proj.options())
+                     : s.has_padding() ? at::zeros({rows, H}, x_proj.options())
+                                       : at::empty({rows, H}, x_proj.options());
+  at::Tensor gates = save ? x_proj : at::empty({0}, x_proj.options());
   const float* out_data = out.const_data_ptr<float>();
   const int64_t blocks = H / kUnits;
   // A task is at least ~4 blocks of 256 inputs (~16k multiply-adds per row): below that
@@ -498,6 +500,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_bat
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       save ? small_step<true>(a, begin, end) : small_step<false>(a, begin, end);
     });
+  }
+  if (save && s.has_padding()) {  // x_proj's padding rows still hold bias + x W_ihᵀ
+    for (int64_t t = 0; t < s.steps(); ++t) {
+      if (s.sizes[t] < s.batch) gates.narrow(0, s.offsets[t] + s.sizes[t], s.batch - s.sizes[t]).zero_();
+    }
   }
   return {out, h_n, c_n, gates, cells};
 #else
