@@ -165,6 +165,9 @@ INFERENCE_CASES = [
     (Config(4, 16, bidirectional=True, batch=21, steps=4), [4, 1, 3, 2, 4, 4, 1, 2, 3, 4, 1, 1, 2, 3, 4, 2, 3, 1, 4,
                                                            2, 3], "padded"),
     (Config(2, 16, batch=64, steps=2), [2] * 40 + [1] * 24, "packed"),  # the largest batch of the loop
+    # Gradient GEMMs past 2^20 multiply-adds: on the CPU through oneDNN from dgatesᵀ
+    # (csrc/cpu/gemm.h weight_grad_t / input_grad_t); padding rows of the in-place gates.
+    (Config(40, 64, batch=16, steps=12), [12, 12, 11, 9, 9, 8, 8, 7, 6, 5, 5, 4, 3, 2, 2, 1], "padded"),
 ]
 
 
