@@ -47,6 +47,9 @@ CONFIGS = [
     Config(3, 1, batch=1, steps=1),  # every size one
     Config(17, 33, batch=18, steps=4),  # two row tiles, odd hidden
     Config(4, 8, layers=3, proj=3, batch=2, steps=9, batch_first=True, hx=False, bias=False),
+    # The general walk (hidden not a multiple of 16) with GEMMs past 2^20 multiply-adds: on the
+    # CPU the weight gradients through oneDNN (csrc/cpu/gemm.h weight_grad).
+    Config(48, 40, batch=24, steps=16),
 ]
 
 
