@@ -93,6 +93,7 @@ def test_cli_bench_quick_writes_results_and_report(tmp_path):
     assert (out / "norms.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "## norms" in report and "Missing baselines: liger-kernel" in report
+    assert "## Targets" in report and "norms forward >= 1.0x eager" in report
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     assert (out / "roofline.png").stat().st_size > 1000 and (out / "norms_speedup.png").stat().st_size > 1000
 
@@ -139,6 +140,29 @@ def test_cli_bench_terminated_writes_the_finished_cases(tmp_path, monkeypatch):
     assert [r["shape"] for r in data["results"]] == [[1, 64], [2, 64]]
     assert "stopped by SIGTERM after 2 of 4 cases" in (out / "fake.md").read_text()
     assert (out / "report.md").exists() and not (out / "never.json").exists()
+
+
+def test_targets_report_met_missed_and_unmeasured():
+    # Per case the best fuseformer backend counts; a target is met only when every case it
+    # covers reaches the bar, and one with no case in the results says so.
+    from fuseformer.bench import targets
+
+    def row(impl, shape, speedup):
+        return {"impl": impl, "op": "attention", "direction": "fwd", "shape": list(shape), "dtype": "float32",
+                "speedup_vs_SDPA": speedup}
+
+    results = {"attention": {"results": [
+        row("fuseformer[cpu]", (1, 8, 512, 64), 1.4), row("fuseformer[triton]", (1, 8, 512, 64), 0.5),
+        row("SDPA", (1, 8, 512, 64), None), row("fuseformer[cpu]", (1, 8, 64, 64), 0.8)]}}
+    lines = {line[1]: line for line in targets.evaluate(results, "cpu")}
+    attention = lines["attention forward >= 1.0x PyTorch CPU SDPA"]
+    assert attention[2:] == ["0.80x (attention fwd 1x8x64x64)", "1 of 2", "missed"]
+    assert lines["norms forward >= 1.0x eager"][4] == "not measured in this run"
+    results["attention"]["results"][-1]["speedup_vs_SDPA"] = 1.1
+    lines = {line[1]: line for line in targets.evaluate(results, "cpu")}
+    assert lines["attention forward >= 1.0x PyTorch CPU SDPA"][3:] == ["2 of 2", "met"]
+    assert all(t.device in ("cpu", "cuda") and t.bar > 0 for t in targets.TARGETS)
+    assert not any(line[1].startswith("attention fwd D=128") for line in targets.evaluate(results, "cpu"))
 
 
 def test_cli_rejects_unknown_family(tmp_path):

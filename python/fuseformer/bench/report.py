@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from fuseformer.bench import harness
+from fuseformer.bench import harness, targets
 
 # The README holds one generated section per results folder, between these markers (with
 # the folder's path relative to the repository in place of {folder}).
@@ -167,6 +167,10 @@ def _summary_rows(rows: list[dict]) -> list[list[str]]:
 
 
 SUMMARY_HEADER = ["op", "shape", "dtype", "fuseformer", "time (ms)", "throughput", "vs best baseline", "vs eager"]
+def _targets_note(device: str) -> str:
+    forced = " (the kernels forced: the defaults route around those that lose)" if device == "cpu" else ""
+    return (f"Per case fuseformer's best backend counts{forced}; a target is met when every case it covers "
+            "reaches it (python/fuseformer/bench/targets.py)")
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -191,12 +195,18 @@ def write_report(folder: Path, missing: dict[str, dict[str, str]] | None = None)
     md = [f"# {title}", "", "## Environment", "", *_environment_lines(env, ceilings), ""]
     md += ["Every figure is measured in this run: fuseformer and each baseline on the same inputs, the "
            "ceilings just before. 'vs X' is X's time over fuseformer's (above 1: fuseformer is faster).", ""]
+    goals = targets.evaluate(results, env.get("device", "cpu"))
+    note = _targets_note(env.get("device", "cpu"))
+    if goals:
+        md += ["## Targets", "", note + ".", "", *_md_table(targets.TARGETS_HEADER, goals), ""]
     if roofline.exists():
         md += ["![roofline](roofline.png)", ""]
         written.append(roofline)
     html_parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Environment</h2><ul>"]
     html_parts += [f"<li>{html.escape(line[2:])}</li>" for line in _environment_lines(env, ceilings)]
     html_parts.append("</ul>")
+    if goals:
+        html_parts += ["<h2>Targets</h2>", f"<p>{html.escape(note)}.</p>", _html_table(targets.TARGETS_HEADER, goals)]
     if roofline.exists():
         html_parts.append('<img src="roofline.png" alt="roofline" style="max-width:48em">')
     for family, data in results.items():
@@ -256,6 +266,10 @@ def readme_table(folder: Path, repo_root: Path) -> str:
         f"matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s), from `{rel}/` (`report.md` there):",
         "",
     ]
+    goals = targets.evaluate(results, env.get("device", "cpu"))
+    if goals:
+        note = _targets_note(env.get("device", "cpu"))
+        lines += [f"**Targets**, the issues' bars. {note}.", "", *_md_table(targets.TARGETS_HEADER, goals), ""]
     for family, data in results.items():
         lines += [f"**{family}**", "", *_md_table(SUMMARY_HEADER, _summary_rows(data["results"])), ""]
     lines.append(README_END.format(folder=rel))
