@@ -86,8 +86,30 @@ def _bench(args: argparse.Namespace) -> int:
 
     if any(out_dir.glob("*.json")):
         paths = report.write_report(out_dir)
+        _print_targets(report.load_results(out_dir), device)
         print("report: " + ", ".join(str(p) for p in paths))
     return 124 if terminated else 0
+
+
+def _print_targets(results: dict, device: str) -> None:
+    """The issues' targets against everything in the output folder (this run and earlier ones)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fuseformer.bench import targets
+
+    lines = targets.evaluate(results, device)
+    if not lines:
+        return
+    counts = {status: sum(line[4] == status for line in lines) for status in ("met", "missed")}
+    table = Table(title=f"targets: {counts['met']} met, {counts['missed']} missed, "
+                        f"{len(lines) - counts['met'] - counts['missed']} not measured")
+    for h in targets.TARGETS_HEADER:
+        table.add_column(h, overflow="fold")
+    for line in lines:
+        if line[4] != "not measured in this run":
+            table.add_row(*line)
+    Console(width=max(140, Console().width)).print(table)
 
 
 def _report(args: argparse.Namespace) -> int:
