@@ -51,7 +51,10 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"measured ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul TFLOP/s {rates}")
     # A time limit (the GPU suite runs each family under `timeout`) ends the run with the
     # finished cases written, not lost: device time is too scarce to measure twice.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        previous_handler, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
+    except ValueError:  # not the main thread: no handler, a SIGTERM ends the run as before
+        previous_handler, installed = None, False
     terminated = False
     try:
         for name in families:
@@ -81,7 +84,8 @@ def _bench(args: argparse.Namespace) -> int:
             if terminated:
                 break
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if installed:
+            signal.signal(signal.SIGTERM, previous_handler)
     from fuseformer.bench import report
 
     if any(out_dir.glob("*.json")):
