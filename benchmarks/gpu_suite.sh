@@ -21,6 +21,10 @@
 # it packed into DIR/gpu_results.tgz (the device tool returns at most 8 files):
 #   PYTHONUNBUFFERED=1 bash benchmarks/gpu_suite.sh lease --out $OUT
 # Unpack into benchmarks/results/<gpu-name>/ (the quick pass under quick/).
+# The build stage takes a wheel prebuilt for this tree when one is carried in .whl/
+# (benchmarks/prebuild_gpu_wheel.sh, here, with the GPU image's Python and torch: ~4 minutes
+# on 2 cores that the lease keeps) and builds from source when there is none, it was built
+# from other sources, or it does not load there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +51,18 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: some stages run from another directory
 echo "gpu_suite: $gpu, stages: ${stages[*]}, results -> $out"
 status=0
+
+# The wheel in .whl/ when it was built from this very tree (its SOURCE_HASH matches).
+prebuilt_wheel() {
+  local wheel
+  wheel=$(ls .whl/fuseformer-*-cp"$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.whl 2>/dev/null | head -1)
+  [ -n "$wheel" ] && [ -f .whl/SOURCE_HASH ] || return 1
+  if [ "$(cat .whl/SOURCE_HASH)" != "$(bash benchmarks/source_hash.sh)" ]; then
+    echo "gpu_suite: .whl/ holds a wheel built from another tree; building from source" >&2
+    return 1
+  fi
+  echo "$wheel"
+}
 
 if [ "${stages[*]}" = "lease" ]; then
   budget=${LEASE_SECONDS:-560}
@@ -77,6 +93,19 @@ for stage in "${stages[@]}"; do
   start=$(date +%s)
   case "$stage" in
     build)
+      # A wheel prebuilt for this tree (benchmarks/prebuild_gpu_wheel.sh, carried in .whl/)
+      # saves the lease the compile; it is used only if the tree hashes as it did and its
+      # extension loads here with the CUDA kernels.
+      if prebuilt=$(prebuilt_wheel); then
+        if $PY -m pip install --no-index --no-deps --force-reinstall "$prebuilt" >"$out/build.log" 2>&1 \
+            && (cd /tmp && $PY -c "import fuseformer._extension as e, sys; sys.exit(0 if e.has_kernel('norm_fwd', 'CUDA') else f'extension: {e.LOAD_ERROR}')") >>"$out/build.log" 2>&1; then
+          echo "gpu_suite: installed the prebuilt $(basename "$prebuilt")" | tee -a "$out/build.log"
+          echo "gpu_suite: stage $stage took $(( $(date +%s) - start )) s"
+          continue
+        fi
+        echo "gpu_suite: the prebuilt wheel does not load here (build.log); building from source" | tee -a "$out/build.log"
+        mv "$out/build.log" "$out/build-prebuilt.log"
+      fi
       # Non-editable, against the torch already installed there (no network on GPU hosts).
       MAX_JOBS=$(nproc) CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
         $PY -m pip install --no-build-isolation --no-deps -v . >"$out/build.log" 2>&1 \

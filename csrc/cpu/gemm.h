@@ -98,10 +98,7 @@ class PackedLinear {
   // the input, K·N for the result's transpose). Measured M x N x K: 1024x1024x256 1.46 vs
   // 2.82 ms, 8192x1024x256 11.8 vs 20.2, 2048x768x3072 26.2 vs 44.8, 4096x4096x1024 83 vs 151.
   static at::Tensor weight_grad(const at::Tensor& dz, const at::Tensor& x) {
-    if (!dnnl_ops().ok || dz.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat ||
-        dz.size(0) * dz.size(1) * x.size(1) < kMinProductMacs || !at::globalContext().userEnabledMkldnn()) {
-      return at::mm(dz.t(), x);
-    }
+    if (!dnnl_product(dz, x, dz.size(0) * dz.size(1) * x.size(1))) return at::mm(dz.t(), x);
     auto product_t = [](const at::Tensor& a, const at::Tensor& b) {  // aᵀ b
       auto rows_major = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
       return onednn_linear(rows_major(a).t(), rows_major(b).t(), std::nullopt);
@@ -113,10 +110,7 @@ class PackedLinear {
   // The same from dzᵀ (N, M) in rows: oneDNN reads it and x (as the weight xᵀ, columns
   // packed) as they are, nothing copied (1024x1024x256: 1.05 ms against weight_grad's 1.45).
   static at::Tensor weight_grad_t(const at::Tensor& dz_t, const at::Tensor& x) {
-    if (!dnnl_ops().ok || dz_t.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat ||
-        dz_t.size(0) * dz_t.size(1) * x.size(1) < kMinProductMacs || !at::globalContext().userEnabledMkldnn()) {
-      return at::mm(dz_t, x);
-    }
+    if (!dnnl_product(dz_t, x, dz_t.size(0) * dz_t.size(1) * x.size(1))) return at::mm(dz_t, x);
     return onednn_linear(dz_t, x.t(), std::nullopt);
   }
 
@@ -189,6 +183,12 @@ class PackedLinear {
 
   static bool cacheable(const at::Tensor& weight, bool cached) {
     return cached && weight.is_contiguous() && WeightCache::cacheable(weight);
+  }
+
+  // Whether a float32 product of a and b (macs multiply-adds) goes to oneDNN.
+  static bool dnnl_product(const at::Tensor& a, const at::Tensor& b, int64_t macs) {
+    return dnnl_ops().ok && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+           macs >= kMinProductMacs && at::globalContext().userEnabledMkldnn();
   }
 
   static bool usable(const at::Tensor& weight, int64_t rows) {
