@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotuning
 from .rounding import software_bf16, to_output
 
 LOG2E = 1.4426950408889634
@@ -797,7 +798,8 @@ def _launch(kind: str, block_d: int, device: torch.device, grid_of, *args, **con
     elif constexprs["DOT_PRECISION"] == "ieee":
         m, n, w, st = _FP32_TILES[kind][_d_class(block_d)]
     elif _autotune_enabled():
-        _tuned(kind, _d_class(block_d))[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+        autotuning.launch(_tuned(kind, _d_class(block_d)), lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]),
+                          args, constexprs)
         return
     else:
         m, n, w, st = _TILES[kind][_d_class(block_d)][0]

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotuning
 from .rounding import software_bf16, to_output
 
 # Activation codes (the ``ACT`` constexpr); fuseformer.ops.linear maps names to them.
@@ -345,9 +346,8 @@ def _launch(kind: str, grid_of, args: tuple, gated: bool, device: torch.device, 
     elif dot_precision == "ieee":
         m, n, k, w, s = _FP32_TILE
     elif _autotune_enabled():
-        _tuned(kind, gated)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"])](
-            *args, DOT_PRECISION=dot_precision, **constexprs
-        )
+        autotuning.launch(_tuned(kind, gated), lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]),
+                          args, dict(constexprs, DOT_PRECISION=dot_precision))
         return
     else:
         m, n, k, w, s = _tile_list(kind, gated)[0]

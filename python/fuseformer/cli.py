@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -41,6 +42,10 @@ def _bench(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("fuseformer bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if device == "cuda":
+        # Autotune candidates compile in worker processes at once (kernels/autotuning.py):
+        # this command's main module is guarded, as spawned workers need.
+        os.environ.setdefault("FUSEFORMER_COMPILE_WORKERS", str(min(16, os.cpu_count() or 1)))
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     dtype = DTYPES[dtype_name]
     out_dir = Path(args.out)
