@@ -184,3 +184,28 @@ def test_bench_cases_bind_their_own_inputs():
             if name == "torch eager":
                 continue
             assert impl().shape[0] == case.shape[0], (name, case.label)
+
+
+def test_cpu_timing_interleaves_the_implementations_of_a_case():
+    """On the CPU the implementations of a case take turns (a drifting machine then slows
+    them alike); one that fails, at its warm-up or later, is reported and the rest timed."""
+    from fuseformer.bench import harness
+
+    calls = []
+
+    def impl(name, fail_at=None):
+        def run():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) >= fail_at:
+                raise RuntimeError(f"{name} gave up")
+        return run
+
+    times, errors = harness.time_interleaved(
+        {"a": impl("a"), "b": impl("b"), "broken": impl("broken", fail_at=1), "late": impl("late", fail_at=5)},
+        "cpu", quick=True)
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    assert errors == {"broken": "RuntimeError: broken gave up", "late": "RuntimeError: late gave up"}
+    timed = [c for c in calls[7:] if c in ("a", "b")]  # after the warm-ups (2 each; broken's 1)
+    assert len(timed) >= 6
+    # Never three calls of one in a row: rounds alternate, the first in turn rotating.
+    assert all(len({timed[i], timed[i + 1], timed[i + 2]}) == 2 for i in range(len(timed) - 2))

@@ -74,6 +74,51 @@ def time_ms(fn: Callable[[], Any], device: str, quick: bool) -> float:
     return statistics.median(times) * 1e3
 
 
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, quick: bool) -> tuple[dict, dict]:
+    """(median ms per implementation, error per implementation that failed) for the
+    implementations of one case. On a GPU each is timed by do_bench in turn. On the CPU they
+    take turns, one call each per round (the first in turn rotating), so that a machine whose
+    speed drifts within seconds (this VM's moved 30-50% between runs in a night) slows every
+    implementation alike instead of whichever was timed in the slow second."""
+    times: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    if device == "cuda":
+        for name, fn in fns.items():
+            try:
+                times[name] = time_ms(fn, device, quick)
+            except Exception as exc:  # a baseline that cannot run here (e.g. no compiler)
+                errors[name] = _error(exc)
+        return times, errors
+    live = {}
+    for name, fn in fns.items():
+        try:
+            fn()  # warm-up (and compilation)
+            fn()
+            live[name] = fn
+        except Exception as exc:
+            errors[name] = _error(exc)
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    budget_s = (0.3 if quick else 1.0) * max(1, len(live))
+    start_all, rounds = time.perf_counter(), 0
+    while live and (rounds < 3 or (time.perf_counter() - start_all < budget_s and rounds < 50)):
+        names = list(live)
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            try:
+                start = time.perf_counter()
+                live[name]()
+                samples[name].append(time.perf_counter() - start)
+            except Exception as exc:
+                errors[name] = _error(exc)
+                del live[name], samples[name]
+        rounds += 1
+    times = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    return times, errors
+
+
 # ---- ceilings ----------------------------------------------------------------------------
 
 
@@ -263,15 +308,14 @@ def run_cases(cases: Iterable[Case], device: str, quick: bool, ceilings: dict[st
     allow_recompiles()
     rows = [] if rows is None else rows
     for case in cases:
-        times: dict[str, float] = {}
+        times, errors = time_interleaved(case.impls, device, quick)
         memory: dict[str, float | None] = {}
-        errors: dict[str, str] = {}
-        for name, fn in case.impls.items():
+        for name in list(times):
             try:
-                times[name] = time_ms(fn, device, quick)
-                memory[name] = _peak_memory_mib(fn, device)
-            except Exception as exc:  # a baseline that cannot run here (e.g. no compiler)
-                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                memory[name] = _peak_memory_mib(case.impls[name], device)
+            except Exception as exc:
+                errors[name] = _error(exc)
+                del times[name]
         baselines = [n for n in case.impls if not _is_ours(n) and not _is_ceiling(n) and n in times]
         ceilings_here = [n for n in case.impls if _is_ceiling(n) and n in times]
         for name in case.impls:
