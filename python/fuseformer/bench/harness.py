@@ -62,16 +62,7 @@ def time_ms(fn: Callable[[], Any], device: str, quick: bool) -> float:
 
         return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                              return_mode="median"))
-    fn()  # warm-up (and compilation)
-    fn()
-    budget_s = 0.3 if quick else 1.0
-    times: list[float] = []
-    start_all = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start_all < budget_s and len(times) < 50):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return _cpu_turns({"": fn}, quick, errors=None)[""]
 
 
 def _error(exc: Exception) -> str:
@@ -96,6 +87,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, quick: bool
             except Exception as exc:  # a baseline that cannot run here (e.g. no compiler)
                 errors[name] = _error(exc)
         return times, errors
+    return _cpu_turns(fns, quick, errors), errors
+
+
+def _cpu_turns(fns: dict[str, Callable[[], Any]], quick: bool, errors: dict[str, str] | None) -> dict[str, float]:
+    """time_interleaved's CPU timing (time_ms's with one implementation): median ms per
+    implementation. An implementation that raises is recorded in ``errors`` and dropped, or,
+    with errors None, the exception propagates."""
+    def failed(name: str, exc: Exception) -> None:
+        if errors is None:
+            raise exc
+        errors[name] = _error(exc)
+
     live = {}
     for name, fn in fns.items():
         try:
@@ -103,7 +106,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, quick: bool
             fn()
             live[name] = fn
         except Exception as exc:
-            errors[name] = _error(exc)
+            failed(name, exc)
     samples: dict[str, list[float]] = {name: [] for name in live}
     budget_s = (0.3 if quick else 1.0) * max(1, len(live))
     start_all, rounds = time.perf_counter(), 0
@@ -116,11 +119,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, quick: bool
                 live[name]()
                 samples[name].append(time.perf_counter() - start)
             except Exception as exc:
-                errors[name] = _error(exc)
+                failed(name, exc)
                 del live[name], samples[name]
         rounds += 1
-    times = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    return times, errors
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
 
 
 # ---- ceilings ----------------------------------------------------------------------------

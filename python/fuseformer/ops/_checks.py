@@ -7,6 +7,9 @@ from collections.abc import Callable, Iterable
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The exact types the ops' fast argument checks accept for weights (`type(t) in PARAM_TYPES`
+# costs less than isinstance; subclasses go through the explaining checks).
+PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -294,9 +294,6 @@ def _check_conv(op, x, weight, bias, residual, stride, padding, dilation, groups
     return x, weight, bias, residual, stride, pad, dilation
 
 
-_PARAM_TYPES = (Tensor, torch.nn.Parameter)
-
-
 def _int_pair(value, minimum: int) -> list[int] | None:
     if type(value) is int:
         return [value, value] if value >= minimum else None
@@ -309,7 +306,7 @@ def _plainly_valid(x, weight, bias, residual, stride, padding, dilation, groups)
     """(stride, pad, dilation) for the common case, checked in a few comparisons (a module's
     call pays the checks each time: _check_conv's ~6 us is 2% of a 0.3 ms convolution); None
     sends the call through _check_conv, which explains what is wrong or accepts it."""
-    if (type(weight) not in _PARAM_TYPES or x.dim() != 4 or weight.dim() != 4
+    if (type(weight) not in _checks.PARAM_TYPES or x.dim() != 4 or weight.dim() != 4
             or type(groups) is not int or groups < 1):
         return None
     dtype = x.dtype
@@ -321,7 +318,7 @@ def _plainly_valid(x, weight, bias, residual, stride, padding, dilation, groups)
     stride, pad, dilation = _int_pair(stride, 1), _int_pair(padding, 0), _int_pair(dilation, 1)
     if stride is None or pad is None or dilation is None:
         return None
-    if bias is not None and (type(bias) not in _PARAM_TYPES or bias.dtype is not dtype or bias.dim() != 1
+    if bias is not None and (type(bias) not in _checks.PARAM_TYPES or bias.dtype is not dtype or bias.dim() != 1
                              or bias.shape[0] != k or not _checks.on_device_of(bias, x)):
         return None
     out_shape = _out_shape(x, weight, stride, pad, dilation)

@@ -224,21 +224,18 @@ CPU_KERNEL_MIN_ROWS = 8
 CPU_SMALL_ROWS_MIN_WEIGHT = 1 << 16
 
 
-_PARAM_TYPES = (Tensor, torch.nn.Parameter)
-
-
 def _plainly_valid(x, weight, weight_up, bias, bias_up) -> bool:
     """The common case in a few comparisons (host time per call matters at decode: dtypes
     are singletons, CPU tensors share one device); anything else goes through _check_args,
     which explains what is wrong or accepts it."""
-    if type(weight) not in _PARAM_TYPES or weight.dim() != 2 or x.dim() < 1:
+    if type(weight) not in _checks.PARAM_TYPES or weight.dim() != 2 or x.dim() < 1:
         return False
     dtype = x.dtype
     if (weight.dtype is not dtype or dtype not in _checks.FLOAT_DTYPES or weight.shape[1] != x.shape[-1]
             or not _checks.on_device_of(weight, x)):
         return False
     n = weight.shape[0]
-    if bias is not None and (type(bias) not in _PARAM_TYPES or bias.dtype is not dtype or bias.dim() != 1
+    if bias is not None and (type(bias) not in _checks.PARAM_TYPES or bias.dtype is not dtype or bias.dim() != 1
                              or bias.shape[0] != n or not _checks.on_device_of(bias, x)):
         return False
     if weight_up is None and bias_up is None:
