@@ -320,9 +320,13 @@ def _attn_bwd_delta(
     H, rows, head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SUM_F64: tl.constexpr,
 ):
     """delta = rowsum(dO * O), in the log-sum-exp's layout. Rows are the flat query rows of
-    one head (varlen: every batch's rows, b = 0)."""
+    one head (varlen: every batch's rows, b = 0). SUM_F64 (float32 inputs): the products are
+    summed in float64. delta's error e shifts every dS by -P e, which does not cancel where
+    dQ does (a query between nearly tied keys): a float32 sum's rounding there made dQ's
+    error 1.7x larger (a fuzzed case, test_attention.py). Half-precision O's own rounding is far larger than a float32 sum's."""
     m_block = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -332,7 +336,10 @@ def _attn_bwd_delta(
     ok = (offs_m[:, None] < rows) & (offs_d[None, :] < head_dim)
     o = tl.load(O + b.to(tl.int64) * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :], mask=ok, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdo_b + h * sdo_h + offs_m[:, None].to(tl.int64) * sdo_s + offs_d[None, :], mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if SUM_F64:
+        delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1).to(tl.float32)
+    else:
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b.to(tl.int64) * sl_b + h * sl_h + offs_m, delta, mask=offs_m < rows)
 
 
@@ -950,7 +957,7 @@ def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, slopes, seed, cu_
     batch_for_rows = 1 if pb.varlen else pb.batch
     _attn_bwd_delta[(triton.cdiv(rows, block_m), batch_for_rows * pb.heads)](
         out, grad_out, delta, *_strides3(out, pb.varlen), *_strides3(grad_out, pb.varlen), *pb.lse_strides(lse),
-        pb.heads, rows, pb.head_dim, BLOCK_D=pb.block_d, BLOCK_M=block_m,
+        pb.heads, rows, pb.head_dim, BLOCK_D=pb.block_d, BLOCK_M=block_m, SUM_F64=out.dtype == torch.float32,
     )
     if grad_lse is not None:
         delta -= grad_lse
