@@ -105,6 +105,7 @@ def main() -> int:
                         print(f"{'ok  ' if fits else 'BIG '}  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}"
                               f"{' default' if default else ''}: {time.time() - start:5.1f} s, shared {shared} B"
                               f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
+        failed |= not compile_bwd_delta(target)
     compilers = {"decode": compile_decode, "norms": compile_norms, "linear": compile_linear, "conv": compile_conv,
                  "lstm": compile_lstm, "quant": compile_quant}
     for arch in args.arch:
@@ -166,6 +167,18 @@ def compile_linear(target, all_tiles: bool) -> bool:
                     ok &= fits or i > 0
                     print(f"{'ok  ' if fits else 'BIG '}  {label}{' default' if i == 0 else ''}: "
                           f"{time.time() - start:5.1f} s, shared {shared} B")
+    return ok
+
+
+def compile_bwd_delta(target) -> bool:
+    """The backward's delta = rowsum(dO O) (float64 sums for float32), the row tile the
+    launcher uses on a GPU."""
+    ok = True
+    for dtype in ("fp16", "bf16", "fp32"):
+        for block_d in (64, 128, 256):
+            consts = dict(BLOCK_D=block_d, BLOCK_M=64, SUM_F64=dtype == "fp32")
+            ok &= _compile_one(A._attn_bwd_delta, signature(A._attn_bwd_delta, dtype, consts), consts, target,
+                               {"num_warps": 4, "num_stages": 1}, f"{dtype} D{block_d}")
     return ok
 
 
