@@ -204,6 +204,7 @@ _GPU_FWD_TILE = {True: (16, 64, 64, 4), False: (64, 64, 32, 4)}  # key: batch <=
 _FP32_FWD_TILE = (16, 32, 32, 4)
 _INTERPRETER_FWD_TILE = (16, 16, 16, 1)
 _CELL_TILE = (16, 64)
+_INTERPRETER_CELL_TILE = (16, 16)
 
 
 def _steps(batch_sizes: torch.Tensor, padded: bool, batch: int, reverse: bool):
@@ -334,7 +335,7 @@ def layer_bwd(grad_out, grad_h_n, grad_c_n, x, w_ih, has_bias: bool, needs_input
     if w_hr is not None:
         dh_all = alloc((rows, proj), device=device, dtype=dtype)
         h_raw_all = alloc((rows, hidden), device=device, dtype=dtype)
-    bb, bh = _CELL_TILE if device.type == "cuda" else (16, 16)
+    bb, bh = _CELL_TILE if device.type == "cuda" else _INTERPRETER_CELL_TILE
     for position in range(len(order) - 1, -1, -1):
         t = order[position]
         n, off = sizes[t], offsets[t]

@@ -166,6 +166,12 @@ def _w8a8_gemm(
 # bytes); the interpreter takes small ones.
 _W8A8_GPU_TILE = (128, 128, 128, 8, 3)
 _W8A8_INTERPRETER_TILE = (16, 16, 32, 1, 1)
+_INTERPRETER_QUANTIZE_BLOCK = 32
+
+
+def _quantize_block(k: int) -> int:
+    """The row quantizer's K-step on a GPU: a row of up to 1024 in one step."""
+    return min(1024, triton.next_power_of_2(k))
 
 
 def w8a8_linear(x, qweight, scales, bias):
@@ -177,7 +183,7 @@ def w8a8_linear(x, qweight, scales, bias):
     fp8 = qweight.dtype == torch.float8_e4m3fn
     qx = torch.empty((m, k), device=x.device, dtype=qweight.dtype)
     sx = torch.empty((m,), device=x.device, dtype=torch.float32)
-    _quantize_rows[(m,)](x, qx, sx, k, FP8=fp8, BLOCK_K=min(1024, triton.next_power_of_2(k)) if x.is_cuda else 32)
+    _quantize_rows[(m,)](x, qx, sx, k, FP8=fp8, BLOCK_K=_quantize_block(k) if x.is_cuda else _INTERPRETER_QUANTIZE_BLOCK)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     bm, bn, bk, warps, stages = _W8A8_GPU_TILE if x.is_cuda else _W8A8_INTERPRETER_TILE
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))

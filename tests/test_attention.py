@@ -304,6 +304,35 @@ def test_fuzzed_shapes_and_options_on_gpu(backend, device, problem, seed):
     _check_fuzzed(backend, device, problem, seed)
 
 
+def gpu_tile_cases() -> list:
+    """Every tile config a GPU launch can take (the autotune candidates of each head-dim
+    class, the i-th of each kernel's list together; the float32 tiles), as
+    _INTERPRETER_TILES replacements."""
+    cases = []
+    for d_class, head_dim in ((64, 48), (128, 80), (256, 160)):
+        lists = [attention_kernels._TILES[kind][d_class] for kind in ("fwd", "dkdv", "dq")]
+        for i in range(max(map(len, lists))):
+            tiles = {kind: (lst[i] if i < len(lst) else lst[0]) for kind, lst in zip(("fwd", "dkdv", "dq"), lists)}
+            cases.append(pytest.param(tiles, head_dim, torch.float16, id=f"D{head_dim}-fp16-{i}"))
+        fp32 = {kind: attention_kernels._FP32_TILES[kind][d_class] for kind in ("fwd", "dkdv", "dq")}
+        cases.append(pytest.param(fp32, head_dim, torch.float32, id=f"D{head_dim}-fp32"))
+    return cases
+
+
+@pytest.mark.parametrize("variant", ["causal", "everything"])
+@pytest.mark.parametrize("tiles,head_dim,dtype", gpu_tile_cases())
+@pytest.mark.parametrize("backend,device", [p for p in TRITON_PAIRS if p[1] == "cpu"], ids=lambda p: str(p))
+def test_gpu_tile_configs_under_the_interpreter(monkeypatch, backend, device, tiles, head_dim, dtype, variant):
+    # The interpreter otherwise runs one small tile per kernel; a GPU runs these (128-row
+    # tiles, BLOCK_M < BLOCK_N for dK/dV, ...), whose block ranges (the causal and window
+    # skips, the full / masked split) are computed differently. 150 x 133 leaves a remainder
+    # in every tile size.
+    monkeypatch.setattr(attention_kernels, "_INTERPRETER_TILES", tiles)
+    shape = (1, 4, 2, 150, 133, head_dim)
+    q, k, v = make_qkv(shape, dtype, device)
+    check_attention(backend, q, k, v, variant_kwargs(variant, shape, device))
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_fully_masked_rows_are_zero_with_finite_grads(backend, device):
     shape = (2, 2, 2, 9, 12, 32)

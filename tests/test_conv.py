@@ -115,6 +115,20 @@ def test_matches_reference(poison_outputs, backend, device, dtype, case, activat
     check(backend, tensors, case, activation)
 
 
+@pytest.mark.skipif(("triton", "cpu") not in PAIRS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["gpu-tile-fp16", "fp32-tile"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_gpu_tile_configs_under_the_interpreter(monkeypatch, dtype, layout):
+    # The interpreter otherwise runs a 32x16x16 tile; a GPU the 128x64x32 GEMM tile (the
+    # float32 one for full-precision dots). 2x13x13 output pixels (338 rows), 70 channels
+    # and a 40x3x3 reduction leave a remainder in each.
+    from fuseformer.kernels import conv as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRETER_TILE", kernels._GPU_TILE if dtype != torch.float32 else kernels._FP32_TILE)
+    case = ((2, 40, 13, 13), 70, 3, 1, 1, 1, 1)
+    check("triton", make_inputs(case, dtype, "cpu", layout, with_residual=True), case, "relu")
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_without_bias_and_frozen_weights(backend, device):
     case = SHAPES[0]

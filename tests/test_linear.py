@@ -178,6 +178,30 @@ def test_unaligned_operands(backend, device, activation):
             assert_matches_reference("inference out", inference, want, reference(False, activation, [x, w, b]))
 
 
+def gpu_tile_cases() -> list:
+    """Every tile config a GPU launch can take (the forward and backward autotune candidates,
+    the float32 tile), as _INTERPRETER_TILE replacements."""
+    from fuseformer.kernels import linear as kernels
+
+    tiles = list(dict.fromkeys(kernels._FWD_TILES + kernels._BWD_TILES))
+    cases = [pytest.param(t, torch.float16, max(t[:2]) <= 128, id="x".join(map(str, t[:3]))) for t in tiles]
+    return cases + [pytest.param(kernels._FP32_TILE, torch.float32, True, id="fp32")]
+
+
+@pytest.mark.parametrize("tile,dtype,gated_too", gpu_tile_cases())
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p == ("triton", "cpu")], ids=lambda p: str(p))
+def test_gpu_tile_configs_under_the_interpreter(monkeypatch, backend, device, tile, dtype, gated_too):
+    # The interpreter otherwise runs one small tile; a GPU runs these (256-wide tiles, 16-row
+    # decode tiles, 128-deep K steps), with the grouped tile order over several row groups.
+    # 300 x 200 -> 270 leaves a remainder in every tile size.
+    from fuseformer.kernels import linear as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRETER_TILE", tile)
+    for gated in (False, True) if gated_too else (False,):
+        tensors = make_inputs((300, 200), 270, dtype, device, gated)
+        check_against_reference(backend, device, gated, "gelu_tanh", tensors)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("backend,device", PAIRS, ids=[f"{b}-{d}" for b, d in PAIRS])
 def test_only_some_inputs_need_gradients(backend, device, gated):

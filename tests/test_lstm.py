@@ -239,6 +239,32 @@ def test_triton_step_kernels_without_the_persistent_kernel(monkeypatch, form):
                                 enforce_sorted=enforce_sorted)
 
 
+def gpu_tile_cases() -> list:
+    """The tiles a GPU launch takes (the step forward for batches up to 16 and past, the
+    float32 tile; the backward's cell tile), as the interpreter's replacements."""
+    from fuseformer.kernels import lstm as kernels
+
+    cases = [pytest.param(tile, torch.float16, id=f"fwd-batch{'<=' if small else '>'}16")
+             for small, tile in kernels._GPU_FWD_TILE.items()]
+    return cases + [pytest.param(kernels._FP32_FWD_TILE, torch.float32, id="fwd-fp32")]
+
+
+@pytest.mark.skipif(("triton", "cpu") not in PAIRS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("tile,dtype", gpu_tile_cases())
+def test_gpu_tile_configs_under_the_interpreter(monkeypatch, tile, dtype):
+    """The interpreter otherwise runs 16-wide tiles; a GPU these (64-wide hidden and K tiles,
+    64-row batch tiles). Hidden 70 and batch 20 leave a remainder in each; the step kernels
+    (the persistent kernel's limit lowered), with lengths."""
+    from fuseformer.kernels import lstm as kernels
+
+    monkeypatch.setattr(kernels, "PERSISTENT_MAX_HIDDEN", 0)
+    monkeypatch.setattr(kernels, "_INTERPRETER_FWD_TILE", tile)
+    monkeypatch.setattr(kernels, "_INTERPRETER_CELL_TILE", kernels._CELL_TILE)
+    lengths = torch.tensor([6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 6, 6, 5, 5, 4, 4, 3, 3, 2, 1])
+    check_against_reference(Config(30, 70, batch=20, steps=6), "triton", "cpu", dtype, lengths=lengths,
+                            enforce_sorted=False)
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_unbatched_and_saturated(backend, device):
     """Unbatched (L, F) input with (layers, P) states; inputs large enough to saturate gates."""

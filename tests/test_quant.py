@@ -45,12 +45,16 @@ def _weight(n, k, device):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_matches_dequantized_reference(backend, device, scheme, group, zero_points, shape, with_bias):
+    check_scheme(backend, device, scheme, group, zero_points, shape, with_bias, dtypes_for(backend, device))
+
+
+def check_scheme(backend, device, scheme, group, zero_points, shape, with_bias, dtypes):
     m, k, n = shape
     if scheme == "int4_weight_only" and k % group:
         pytest.skip("K not a multiple of the group")
     qw = quantize_weight(_weight(n, k, device), scheme, group, zero_points)
     w64 = dequantize_weight(qw, torch.float64)
-    for dtype in dtypes_for(backend, device):
+    for dtype in dtypes:
         x = torch.randn(m, k, device=device).to(dtype)
         x[0, 3] = 0.5 * x[0].abs().max()  # a code on a rounding tie (q = 63.5): half to even everywhere
         bias = torch.randn(n, device=device).to(dtype) if with_bias else None
@@ -70,6 +74,33 @@ def test_matches_dequantized_reference(backend, device, scheme, group, zero_poin
         with fuseformer.use_backend(backend):
             out = quantized_linear(x, qw, bias)
         assert_matches_reference(f"{backend} {scheme} {dtype}", out, ref, lowp)
+
+
+def gpu_tile_cases() -> list:
+    """The weight-only GEMM's tiles a GPU launch takes, as the interpreter's replacement:
+    (tile, rows that select it, activation dtype)."""
+    from fuseformer.kernels import quant as kernels
+
+    return [
+        pytest.param(kernels._DECODE_TILE, 5, torch.float16, id="decode"),
+        pytest.param(kernels._PREFILL_TILE, 150, torch.float16, id="prefill"),
+        pytest.param(kernels._FP32_TILE, 20, torch.float32, id="fp32"),
+    ]
+
+
+@pytest.mark.skipif(("triton", "cpu") not in PAIRS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("tile,rows,dtype", gpu_tile_cases())
+@pytest.mark.parametrize("scheme,group,zero_points", SCHEMES, ids=SCHEME_IDS)
+def test_gpu_tile_configs_under_the_interpreter(monkeypatch, tile, rows, dtype, scheme, group, zero_points):
+    # The interpreter otherwise runs 16x16 tiles; a GPU these (128-deep K steps inside an
+    # int4 group, the 128x128 W8A8 tile, a whole row per quantizer step). K 384 and N 200
+    # leave a remainder in each.
+    from fuseformer.kernels import quant as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRETER_TILE", tile)
+    monkeypatch.setattr(kernels, "_W8A8_INTERPRETER_TILE", kernels._W8A8_GPU_TILE)
+    monkeypatch.setattr(kernels, "_INTERPRETER_QUANTIZE_BLOCK", kernels._quantize_block(384))
+    check_scheme("triton", "cpu", scheme, group, zero_points, (rows, 384, 200), True, [dtype])
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
