@@ -996,10 +996,16 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
     return keep.bool()
 
 
+# The decode kernel's key tile: (head dims up to 128, past 128) on a GPU; the interpreter's.
+_DECODE_GPU_BLOCK_N = (64, 32)
+_INTERPRETER_DECODE_BLOCK_N = 32
+_INTERPRETER_DECODE_PROGRAMS = 4
+
+
 def _num_splits(batch_kv_heads: int, max_k: int, block_n: int, device: torch.device) -> int:
     """Chunks of the cache per (batch, kv head): enough programs for two waves of the SMs,
     never a chunk shorter than one tile."""
-    programs = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    programs = 2 * _sm_count(device.index or 0) if device.type == "cuda" else _INTERPRETER_DECODE_PROGRAMS
     splits = max(1, -(-programs // batch_kv_heads))
     return max(1, min(splits, -(-max_k // block_n), 128))
 
@@ -1018,7 +1024,7 @@ def attention_decode(q, k_cache, v_cache, seqlens_k, slopes, scale, softcap, win
         return out, lse
     block_d = _block_d(head_dim)
     block_m = max(16, triton.next_power_of_2(n_q * groups))
-    block_n = 64 if q.device.type == "cuda" and block_d <= 128 else 32
+    block_n = _DECODE_GPU_BLOCK_N[block_d > 128] if q.device.type == "cuda" else _INTERPRETER_DECODE_BLOCK_N
     splits = num_splits or _num_splits(batch * kv_heads, max_k, block_n, q.device)
     chunk = triton.cdiv(triton.cdiv(max_k, splits), block_n) * block_n
     splits = triton.cdiv(max_k, chunk) if max_k else 1

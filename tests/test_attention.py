@@ -585,7 +585,24 @@ def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, d
     if dtype != torch.float16 and (backend != "cpu" or groups in (2, 8)):
         pytest.skip("other dtypes: on the C++ CPU kernel (float32 and bfloat16 inputs converted per key block)")
     # The C++ CPU kernel takes keys in blocks of 256: a longer cache crosses blocks and chunks.
-    batch, kv_heads, max_k, head_dim = 3, 2, (700 if backend == "cpu" else 150), 64
+    check_decode(backend, device, groups, n_new, dtype, 700 if backend == "cpu" else 150, 64)
+
+
+@pytest.mark.parametrize("head_dim", [64, 160])
+@pytest.mark.parametrize("backend,device", [p for p in DECODE_PAIRS if p == ("triton", "cpu")], ids=lambda p: str(p))
+def test_decode_gpu_tiles_under_the_interpreter(monkeypatch, backend, device, head_dim):
+    # A GPU takes 64-key tiles up to D 128 and splits the cache for two waves of 132 SMs
+    # (H100, H200): many chunks per (batch, kv head), most of them empty for short caches.
+    block_n = attention_kernels._DECODE_GPU_BLOCK_N[head_dim > 128]
+    monkeypatch.setattr(attention_kernels, "_INTERPRETER_DECODE_BLOCK_N", block_n)
+    monkeypatch.setattr(attention_kernels, "_INTERPRETER_DECODE_PROGRAMS", 264)
+    check_decode(backend, device, 4, 3, torch.float16, 1000, head_dim)
+
+
+def check_decode(backend, device, groups, n_new, dtype, max_k, head_dim):
+    """attention_with_kv_cache against full attention over each batch's valid prefix, with the
+    chunks chosen for the device (0) and forced (1, 3); the new keys appended in place."""
+    batch, kv_heads = 3, 2
     heads = kv_heads * groups
     k_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).to(dtype)
     v_cache = torch.randn(batch, kv_heads, max_k, head_dim, device=device).to(dtype)
