@@ -326,7 +326,8 @@ def _attn_bwd_delta(
     one head (varlen: every batch's rows, b = 0). SUM_F64 (float32 inputs): the products are
     summed in float64. delta's error e shifts every dS by -P e, which does not cancel where
     dQ does (a query between nearly tied keys): a float32 sum's rounding there made dQ's
-    error 1.7x larger (a fuzzed case, test_attention.py). Half-precision O's own rounding is far larger than a float32 sum's."""
+    error 1.7x larger (a fuzzed case, test_attention.py). A half-precision O's own rounding
+    is far larger than a float32 sum's."""
     m_block = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

@@ -207,9 +207,10 @@ def errors_inherited_from_the_output(qkv64, probs, out, out64, grad_out64, want,
     dtype, as FlashAttention does), whose error e the forward check has held to the rule:
     e shifts dS by -P (dO . e) row by row, which does not cancel where dQ does. The Triton
     forward rounds P to fp16 for the P·V product, an error along the values that dO · e
-    sums coherently: at kappa 48 (above) it alone made Triton's dQ error 6x PyTorch's (the
-    C++ kernel, whose O is exactly rounded: 0.2x). This is the relative error of the exact
-    backward at the kernel's own output; the kernel's own error is bounded over it."""
+    sums coherently: in a kappa-48 problem hypothesis drew, it alone made Triton's dQ error
+    6x PyTorch's (the C++ kernel's, whose O is exactly rounded: 0.2x). This is the relative
+    error of the exact backward at the kernel's own output; the kernel's own error is
+    bounded over it."""
     error = out.detach().double() - out64.detach()
     shift = -(grad_out64 * error).sum(-1, keepdim=True) * probs
     grads = score_grads(qkv64, probs, shift, kwargs)
@@ -321,7 +322,7 @@ def gpu_tile_cases() -> list:
 
 @pytest.mark.parametrize("variant", ["causal", "everything"])
 @pytest.mark.parametrize("tiles,head_dim,dtype", gpu_tile_cases())
-@pytest.mark.parametrize("backend,device", [p for p in TRITON_PAIRS if p[1] == "cpu"], ids=lambda p: str(p))
+@pytest.mark.parametrize("backend,device", [p for p in TRITON_PAIRS if p[1] == "cpu"], ids=str)
 def test_gpu_tile_configs_under_the_interpreter(monkeypatch, backend, device, tiles, head_dim, dtype, variant):
     # The interpreter otherwise runs one small tile per kernel; a GPU runs these (128-row
     # tiles, BLOCK_M < BLOCK_N for dK/dV, ...), whose block ranges (the causal and window
@@ -589,7 +590,7 @@ def test_decode_matches_full_attention_over_the_cache(poison_outputs, backend, d
 
 
 @pytest.mark.parametrize("head_dim", [64, 160])
-@pytest.mark.parametrize("backend,device", [p for p in DECODE_PAIRS if p == ("triton", "cpu")], ids=lambda p: str(p))
+@pytest.mark.parametrize("backend,device", [p for p in DECODE_PAIRS if p == ("triton", "cpu")], ids=str)
 def test_decode_gpu_tiles_under_the_interpreter(monkeypatch, backend, device, head_dim):
     # A GPU takes 64-key tiles up to D 128 and splits the cache for two waves of 132 SMs
     # (H100, H200): many chunks per (batch, kv head), most of them empty for short caches.

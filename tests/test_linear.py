@@ -189,7 +189,7 @@ def gpu_tile_cases() -> list:
 
 
 @pytest.mark.parametrize("tile,dtype,gated_too", gpu_tile_cases())
-@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p == ("triton", "cpu")], ids=lambda p: str(p))
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p == ("triton", "cpu")], ids=str)
 def test_gpu_tile_configs_under_the_interpreter(monkeypatch, backend, device, tile, dtype, gated_too):
     # The interpreter otherwise runs one small tile; a GPU runs these (256-wide tiles, 16-row
     # decode tiles, 128-deep K steps), with the grouped tile order over several row groups.
