@@ -124,6 +124,19 @@ def test_float32_params_with_half_input(variant, dtype, backend, device):
     check_against_reference(variant, backend, tensors, norm_shape)
 
 
+@pytest.mark.skipif(("triton", "cpu") not in PAIRS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("n", [300, 9000], ids=["one-tile", "streamed"])
+@pytest.mark.parametrize("variant", ["layer_norm", "add_rms_norm"])
+def test_gpu_program_counts_under_the_interpreter(monkeypatch, variant, n):
+    """The interpreter's backward runs 4 programs over many rows each; a GPU up to 8 per SM,
+    so one row each (and as many partial dweight / dbias rows to sum) for these batches."""
+    from fuseformer.kernels import norms as kernels
+
+    monkeypatch.setattr(kernels, "_bwd_programs", lambda device, rows, block: max(1, rows))
+    tensors, norm_shape = make_inputs(variant, (5, 7, n), 1, torch.float16, "cpu")
+    check_against_reference(variant, "triton", tensors, norm_shape)
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "add_layer_norm"])
 def test_non_contiguous_input(variant, backend, device):
