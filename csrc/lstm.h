@@ -25,6 +25,8 @@
 #include <tuple>
 #include <vector>
 
+#include "allocate.h"
+
 namespace fuseformer::lstm {
 
 struct Steps {
@@ -38,6 +40,11 @@ struct Steps {
   int64_t at(int64_t s) const { return reverse ? steps() - 1 - s : s; }
   // Whether some step has padding rows (whose outputs and gradients must be zero).
   bool has_padding() const { return padded && !sizes.empty() && sizes.back() < batch; }
+  // A buffer of per-row values over the whole sequence: zeros where padding rows are never
+  // written, else uninitialized (on huge pages when large: csrc/allocate.h).
+  at::Tensor rows_buffer(at::IntArrayRef shape, const at::TensorOptions& options) const {
+    return has_padding() ? zeros_output(shape, options) : empty_output(shape, options);
+  }
 };
 
 // x: `rows` rows of `dtype` on `device`; w_ih has `cols` = 4H rows.
@@ -175,14 +182,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
   const at::Tensor c0 = c0_in.to(at::kFloat).contiguous();
   const auto f32 = x_proj.options().dtype(at::kFloat);
   const int64_t rows = x_proj.size(0), H = s.hidden, P = s.proj;
-  at::Tensor out = s.has_padding() ? at::zeros({rows, P}, x_proj.options()) : at::empty({rows, P}, x_proj.options());
+  at::Tensor out = s.rows_buffer({rows, P}, x_proj.options());
   at::Tensor h_n = at::empty({s.batch, P}, x_proj.options());
   at::Tensor c_n32 = at::empty({s.batch, H}, f32);
   // The cell state: every step's when saving (the backward reads them), else two buffers.
   // Padding rows of the saves are never written: zeros, so the outputs are deterministic.
-  const auto saves = [&](at::IntArrayRef shape) { return s.has_padding() ? at::zeros(shape, f32) : at::empty(shape, f32); };
-  at::Tensor cells = save ? saves({rows, H}) : at::empty({2, s.batch, H}, f32);
-  at::Tensor gates = save ? saves({rows, 4 * H}) : at::empty({0}, f32);
+  at::Tensor cells = save ? s.rows_buffer({rows, H}, f32) : at::empty({2, s.batch, H}, f32);
+  at::Tensor gates = save ? s.rows_buffer({rows, 4 * H}, f32) : at::empty({0}, f32);
   at::Tensor h_raw = w_hr ? at::empty({s.batch, H}, x_proj.options()) : at::Tensor();
   const typename Device::Linear recurrent(w_hh, s.batch, /*cached=*/true);
   std::optional<typename Device::Linear> projection;
@@ -301,11 +307,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dc_run = grad_c_n.to(at::kFloat).contiguous().clone();
   // What the weight gradients read, per row: h_prev (for W_hh), and with a projection the
   // gradient reaching h and h_raw (for W_hr).
-  at::Tensor h_prev = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
+  at::Tensor h_prev = s.rows_buffer({rows, P}, opts);
   at::Tensor dh_all, h_raw_all;
   if (w_hr) {
-    dh_all = s.has_padding() ? at::zeros({rows, P}, opts) : at::empty({rows, P}, opts);
-    h_raw_all = s.has_padding() ? at::zeros({rows, H}, opts) : at::empty({rows, H}, opts);
+    dh_all = s.rows_buffer({rows, P}, opts);
+    h_raw_all = s.rows_buffer({rows, H}, opts);
   }
   const int64_t T = s.steps(), B = s.batch;
   if (s.padded && !s.has_padding() && T > 0) {
@@ -329,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   WalkResult result;
   at::Tensor dgates;
   if (w_hr || !Device::fused_bwd_walk(s, grad_out, gates, cells, c0, w_hh, dh_run, dc_run, result)) {
-    dgates = s.has_padding() ? at::zeros({rows, 4 * H}, opts) : at::empty({rows, 4 * H}, opts);
+    dgates = s.rows_buffer({rows, 4 * H}, opts);
     walk_bwd<Device>(s, grad_out, gates, cells, c0, w_hh, w_hr, dh_run, dc_run, dgates, dh_all, h_raw_all);
   }
   // The input and weight gradients, one GEMM each over every step's rows.

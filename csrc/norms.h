@@ -6,6 +6,8 @@
 #include <optional>
 #include <tuple>
 
+#include "allocate.h"
+
 namespace fuseformer::norms {
 
 struct Dims {
@@ -78,7 +80,7 @@ inline FwdArgs check_fwd_args(const at::Tensor& input, const std::optional<at::T
 // out, residual_out (empty without a residual), mean (empty for RMSNorm), rstd.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_fwd_outputs(
     const at::Tensor& input, bool has_residual, bool rms) {
-  return {at::empty_like(input), has_residual ? at::empty_like(input) : empty_marker(input),
+  return {empty_output_like(input), has_residual ? empty_output_like(input) : empty_marker(input),
           rms ? at::empty({0}, input.options().dtype(at::kFloat)) : stats_like(input),
           stats_like(input)};
 }

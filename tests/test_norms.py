@@ -4,6 +4,7 @@ forward and backward, on awkward shapes and dtypes; modules, compile, AMP; bad i
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -152,6 +153,26 @@ def test_non_contiguous_input(variant, backend, device):
 def test_largest_supported_row(variant, backend, device):
     tensors, norm_shape = make_inputs(variant, (1, norm_ops.MAX_NORMALIZED_SIZE), 1, torch.float32, device)
     check_against_reference(variant, backend, tensors, norm_shape)
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in PAIRS or not sys.platform.startswith("linux"), reason="C++ CPU kernels on Linux")
+def test_large_cpu_outputs_on_huge_pages():
+    # Just past 32 MiB, where glibc would mmap (and fault in 4 KiB pages at every call): the
+    # C++ kernels' outputs come from csrc/allocate.h's 2 MiB-aligned, MADV_HUGEPAGE blocks.
+    tensors, norm_shape = make_inputs("add_layer_norm", (2049, 4096), 1, torch.float32, "cpu")
+    check_against_reference("add_layer_norm", "cpu", tensors, norm_shape)
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    with fuseformer.use_backend("cpu"):
+        out, residual_out = call("add_layer_norm", leaves[0], leaves[1], norm_shape, leaves[2], leaves[3], 1e-5)
+        (out.sum() + residual_out.sum()).backward()
+    huge_page = 2 << 20
+    for name, t in [("out", out), ("residual_out", residual_out), ("grad_input", leaves[0].grad)]:
+        assert t.data_ptr() % huge_page == 0, f"{name} is not on a 2 MiB boundary"
+    # Storage of their own, as ATen's: resizable, and copied values survive.
+    kept = out.detach().clone()
+    out = out.detach()
+    out.resize_(out.shape[0] + 7, out.shape[1])
+    assert torch.equal(out[: kept.shape[0]], kept)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

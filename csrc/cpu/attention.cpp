@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../attention.h"
+#include "../allocate.h"
 #include "gemm.h"
 #include "math.h"
 #include "vectorize.h"
@@ -249,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const at::Tensor k = dense_heads(k_in), v = dense_heads(v_in);
   const Problem p = make_problem(q, k, mask, alibi_slopes, seqlens_k, scale, softcap, window_left, window_right,
                                  lower_right);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_output(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.seqlen_q}, q.options());
   const int64_t block_m = p.opt.window_right >= 0 || p.opt.window_left >= 0 ? kBlockMMasked : kBlockMLarge;
   // Decode-like calls (a few queries, GQA): the queries of all heads that share a kv head
@@ -359,9 +360,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   if (grad_lse) delta.sub_(*grad_lse);
   delta = delta.contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dq = zeros_output(q.sizes(), q.options());
+  at::Tensor dk = zeros_output(k.sizes(), k.options());
+  at::Tensor dv = zeros_output(v.sizes(), v.options());
   // As the forward's: 256-row tiles without a window or causal mask (non-causal forward+backward
   // 5-12% faster than at 128 with the oneDNN tile GEMMs; benchmarks/NOTES.md).
   const int64_t block_m = p.opt.window_right >= 0 || p.opt.window_left >= 0 ? kBlockMMasked : kBlockMLarge;
@@ -580,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode(const at::Tensor& q, const a
     longest = std::max<int64_t>(longest, seqlens[b]);
   }
   const at::Tensor slopes = alibi_slopes ? alibi_slopes->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({batch, heads, n_q, head_dim}, q.options());
+  at::Tensor out = empty_output({batch, heads, n_q, head_dim}, q.options());
   at::Tensor lse = at::empty({batch, heads, n_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.fill_(kNegInf)};
 

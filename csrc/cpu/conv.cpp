@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "../allocate.h"
 #include "gemm.h"
 #include "vectorize.h"
 #include "weight_cache.h"
@@ -276,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act(const at::Tensor& x, const at::Ten
               out.sizes(), ", got ", residual->sizes());
   const at::Tensor res = residual ? residual->contiguous(format) : at::Tensor();
   const at::Tensor b = bias && !half ? bias->contiguous() : at::zeros({out.size(1)}, x.options().dtype(at::kFloat));
-  at::Tensor saved = save ? at::empty_like(out) : at::Tensor();
+  at::Tensor saved = save ? empty_output_like(out) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fuseformer_conv2d_act", [&] {
     run_conv_epilogue<scalar_t>(act, out, b, res, saved, channels_last);
   });

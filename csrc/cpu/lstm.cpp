@@ -464,15 +464,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> small_bat
   constexpr int64_t kInterleavedKey = 4;
   const at::Tensor w = recurrent_layout(w_hh, kInterleavedKey, H, interleave_recurrent);
   const int64_t rows = x_proj.size(0);
-  at::Tensor out = s.has_padding() ? at::zeros({rows, H}, x_proj.options()) : at::empty({rows, H}, x_proj.options());
+  at::Tensor out = s.rows_buffer({rows, H}, x_proj.options());
   at::Tensor h_n = h0.clone(), c_n = c0.clone();  // rows that never run keep their initial state
   // Padding rows of the saves are never written: zeros, as csrc/lstm.h's. The activated
   // gates overwrite x_proj in place (a block reads its pre-activations before it writes the
   // gates at the same addresses, and no other thread reads them): no second (rows, 4H)
   // buffer to allocate, fault in and write.
   at::Tensor cells = !save ? at::empty({0}, x_proj.options())
-                     : s.has_padding() ? at::zeros({rows, H}, x_proj.options())
-                                       : at::empty({rows, H}, x_proj.options());
+                     : s.rows_buffer({rows, H}, x_proj.options());
   at::Tensor gates = save ? x_proj : at::empty({0}, x_proj.options());
   const float* out_data = out.const_data_ptr<float>();
   const int64_t blocks = H / kUnits;
@@ -530,8 +529,7 @@ bool CpuCells::fused_bwd_walk(const lstm::Steps& s, const at::Tensor& grad_out, 
   const float* c_init = c0.const_data_ptr<float>();
   const int64_t rows = grad_out.size(0);
   // Padding rows (never written) are zero columns.
-  at::Tensor dz_t = s.has_padding() ? at::zeros({4 * H, rows}, grad_out.options())
-                                    : at::empty({4 * H, rows}, grad_out.options());
+  at::Tensor dz_t = s.rows_buffer({4 * H, rows}, grad_out.options());
   at::Tensor grad_bias = at::zeros({4 * H}, grad_out.options().dtype(at::kDouble));
   SmallBwdStep a{};
   a.w = w.const_data_ptr<float>();

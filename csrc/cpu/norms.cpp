@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
   at::Tensor dw_partial =
       weight.has_value() ? at::zeros({chunks, dims.cols}, float_opts) : at::Tensor();
   at::Tensor db_partial = has_bias ? at::zeros({chunks, dims.cols}, float_opts) : at::Tensor();
-  at::Tensor grad_input = at::empty_like(input);
+  at::Tensor grad_input = empty_output_like(input);
   const auto w = param_as_float(weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "norm_bwd", [&] {
     norm_bwd_kernel<scalar_t>(
