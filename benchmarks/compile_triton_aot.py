@@ -1,6 +1,6 @@
 """Compile the attention, norm, linear, conv, LSTM and quantization Triton kernels for a GPU target on a machine without a GPU.
 
-    python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles] [--only norms quant ...]
+    python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles] [--only norms quant ...] [--jobs N]
 
 Triton compiles ahead of time for an explicit target (sm_90, sm_80) without a device, so
 this catches what the interpreter cannot: compile errors in the real lowering, and tile
@@ -13,7 +13,12 @@ default config fails to compile or does not fit.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import functools
 import inspect
+import io
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -75,45 +80,76 @@ def main() -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--all-tiles", action="store_true", help="every autotune candidate, not only the defaults")
     parser.add_argument("--only", nargs="+", choices=FAMILIES, default=FAMILIES, help="these kernel families only")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (output kept in order)")
     args = parser.parse_args()
-    failed = False
-    for arch in args.arch if "attention" in args.only else ():
-        target = GPUTarget("cuda", arch, 32)
-        for kind, fn in KERNELS.items():
-            for dtype in ("fp16", "bf16", "fp32"):
-                for d_class in (64, 128, 256):
-                    if dtype == "fp32":
-                        candidates = [A._FP32_TILES[kind][d_class]]
-                    else:
-                        candidates = A._TILES[kind][d_class] if args.all_tiles else A._TILES[kind][d_class][:1]
-                    for i, tiles in enumerate(candidates):
-                        default = i == 0
-                        consts = constexprs(dtype, d_class, tiles, everything=default)
-                        start = time.time()
-                        try:
-                            kernel = triton.compile(
-                                ASTSource(fn, signature(fn, dtype, consts), constexprs=consts), target=target,
-                                options={"num_warps": tiles[2], "num_stages": tiles[3]},
-                            )
-                        except Exception as exc:  # noqa: BLE001 - report every failure
-                            print(f"FAIL  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}: {type(exc).__name__}: {str(exc)[:200]}")
-                            failed |= default
-                            continue
-                        shared = kernel.metadata.shared
-                        fits = shared <= SHARED_LIMIT[arch]
-                        failed |= default and not fits
-                        print(f"{'ok  ' if fits else 'BIG '}  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}"
-                              f"{' default' if default else ''}: {time.time() - start:5.1f} s, shared {shared} B"
-                              f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
-        failed |= not compile_bwd_delta(target)
-    compilers = {"decode": compile_decode, "norms": compile_norms, "linear": compile_linear, "conv": compile_conv,
-                 "lstm": compile_lstm, "quant": compile_quant}
-    for arch in args.arch:
-        for family, compile_family in compilers.items():
-            if family in args.only:
-                target = GPUTarget("cuda", arch, 32)
-                failed |= not (compile_family(target, args.all_tiles) if family == "linear" else compile_family(target))
-    return 1 if failed else 0
+    # One job per attention kernel (each 1-2 minutes for sm_90 on 2 cores, three quarters of the
+    # whole) and per other family; the long ones first, so that a pool's workers end together.
+    jobs = [("attention", arch, kind) for arch in args.arch if "attention" in args.only for kind in KERNELS]
+    jobs += [(family, arch, None) for arch in args.arch for family in FAMILIES
+             if family in args.only and family != "attention"]
+    run = functools.partial(run_job, all_tiles=args.all_tiles)
+    if args.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(run, jobs))
+    else:
+        results = [run(job) for job in jobs]
+    for _ok, text in results:
+        print(text, end="")
+    return 0 if all(ok for ok, _text in results) else 1
+
+
+def run_job(job, all_tiles: bool) -> tuple[bool, str]:
+    """One family (or attention kernel) for one target: whether its defaults compiled and fit,
+    and what it printed."""
+    family, arch, kind = job
+    target = GPUTarget("cuda", arch, 32)
+    compilers = {"decode": compile_decode, "norms": compile_norms, "conv": compile_conv, "lstm": compile_lstm,
+                 "quant": compile_quant}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if family == "attention":
+            ok = compile_attention(target, kind, all_tiles)
+            if kind == "dq":
+                ok &= compile_bwd_delta(target)
+        elif family == "linear":
+            ok = compile_linear(target, all_tiles)
+        else:
+            ok = compilers[family](target)
+    return ok, out.getvalue()
+
+
+def compile_attention(target, kind: str, all_tiles: bool) -> bool:
+    """One flash-attention kernel (forward, dK/dV or dQ) over dtypes and head-dim classes: the
+    default tile with every feature on (the largest kernel), the other candidates plain."""
+    ok = True
+    arch = target.arch
+    fn = KERNELS[kind]
+    for dtype in ("fp16", "bf16", "fp32"):
+        for d_class in (64, 128, 256):
+            if dtype == "fp32":
+                candidates = [A._FP32_TILES[kind][d_class]]
+            else:
+                candidates = A._TILES[kind][d_class] if all_tiles else A._TILES[kind][d_class][:1]
+            for i, tiles in enumerate(candidates):
+                default = i == 0
+                consts = constexprs(dtype, d_class, tiles, everything=default)
+                start = time.time()
+                try:
+                    kernel = triton.compile(
+                        ASTSource(fn, signature(fn, dtype, consts), constexprs=consts), target=target,
+                        options={"num_warps": tiles[2], "num_stages": tiles[3]},
+                    )
+                except Exception as exc:  # noqa: BLE001 - report every failure
+                    print(f"FAIL  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}: {type(exc).__name__}: {str(exc)[:200]}")
+                    ok &= not default
+                    continue
+                shared = kernel.metadata.shared
+                fits = shared <= SHARED_LIMIT[arch]
+                ok &= not default or fits
+                print(f"{'ok  ' if fits else 'BIG '}  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}"
+                      f"{' default' if default else ''}: {time.time() - start:5.1f} s, shared {shared} B"
+                      f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
+    return ok
 
 
 def compile_linear(target, all_tiles: bool) -> bool:
@@ -194,29 +230,24 @@ def compile_decode(target) -> bool:
                 sig = signature(fn, dtype, consts)
                 if fn is A._attn_decode_combine:
                     sig["O"] = f"*{dtype}"
-                start = time.time()
-                try:
-                    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                                            options={"num_warps": 4, "num_stages": 2})
-                    print(f"ok    sm_{target.arch} {fn.fn.__name__} {dtype} D{block_d}: {time.time() - start:5.1f} s, "
-                          f"shared {kernel.metadata.shared} B")
-                except Exception as exc:  # noqa: BLE001
-                    print(f"FAIL  sm_{target.arch} {fn.fn.__name__} {dtype} D{block_d}: {type(exc).__name__}: {str(exc)[:200]}")
-                    ok = False
+                ok &= _compile_one(fn, sig, consts, target, {"num_warps": 4, "num_stages": 2}, f"{dtype} D{block_d}")
     return ok
 
 
 def _compile_one(fn, sig: dict, consts: dict, target, options: dict, label: str) -> bool:
-    """Compile one kernel for ``target``; print ok (time, shared memory) or FAIL (the error)."""
+    """Compile one kernel for ``target``; print ok (time, shared memory), BIG (past the
+    per-block limit) or FAIL (the error); whether it compiled and fits."""
     start = time.time()
     try:
         kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=options)
     except Exception as exc:  # noqa: BLE001 - report every failure
         print(f"FAIL  sm_{target.arch} {fn.fn.__name__} {label}: {type(exc).__name__}: {str(exc)[:300]}")
         return False
-    print(f"ok    sm_{target.arch} {fn.fn.__name__} {label}: {time.time() - start:5.1f} s, "
-          f"shared {kernel.metadata.shared} B")
-    return True
+    shared = kernel.metadata.shared
+    fits = shared <= SHARED_LIMIT[target.arch]  # each of these is a config the GPU launches
+    print(f"{'ok  ' if fits else 'BIG '}  sm_{target.arch} {fn.fn.__name__} {label}: {time.time() - start:5.1f} s, "
+          f"shared {shared} B{'' if fits else f' > {SHARED_LIMIT[target.arch]}'}")
+    return fits
 
 
 def compile_norms(target) -> bool:
