@@ -55,7 +55,7 @@ class HugePageAllocator final : public c10::Allocator {
 
 // at::empty for a kernel's output: large CPU outputs on huge pages, anything else at::empty.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
-                        c10::MemoryFormat memory_format = c10::MemoryFormat::Contiguous) {
+                               c10::MemoryFormat memory_format = c10::MemoryFormat::Contiguous) {
 #if defined(__linux__)
   if (options.device().is_cpu() && !options.pinned_memory()) {
     size_t bytes = options.dtype().itemsize();
