@@ -122,7 +122,6 @@ def compile_attention(target, kind: str, all_tiles: bool) -> bool:
     """One flash-attention kernel (forward, dK/dV or dQ) over dtypes and head-dim classes: the
     default tile with every feature on (the largest kernel), the other candidates plain."""
     ok = True
-    arch = target.arch
     fn = KERNELS[kind]
     for dtype in ("fp16", "bf16", "fp32"):
         for d_class in (64, 128, 256):
@@ -131,24 +130,11 @@ def compile_attention(target, kind: str, all_tiles: bool) -> bool:
             else:
                 candidates = A._TILES[kind][d_class] if all_tiles else A._TILES[kind][d_class][:1]
             for i, tiles in enumerate(candidates):
-                default = i == 0
+                default = i == 0  # only the default must compile and fit: autotuning skips the others
                 consts = constexprs(dtype, d_class, tiles, everything=default)
-                start = time.time()
-                try:
-                    kernel = triton.compile(
-                        ASTSource(fn, signature(fn, dtype, consts), constexprs=consts), target=target,
-                        options={"num_warps": tiles[2], "num_stages": tiles[3]},
-                    )
-                except Exception as exc:  # noqa: BLE001 - report every failure
-                    print(f"FAIL  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}: {type(exc).__name__}: {str(exc)[:200]}")
-                    ok &= not default
-                    continue
-                shared = kernel.metadata.shared
-                fits = shared <= SHARED_LIMIT[arch]
-                ok &= not default or fits
-                print(f"{'ok  ' if fits else 'BIG '}  sm_{arch} {kind:4} {dtype} D{d_class} {tiles}"
-                      f"{' default' if default else ''}: {time.time() - start:5.1f} s, shared {shared} B"
-                      f"{'' if fits else f' > {SHARED_LIMIT[arch]}'}")
+                ok &= _compile_one(fn, signature(fn, dtype, consts), consts, target,
+                                   {"num_warps": tiles[2], "num_stages": tiles[3]},
+                                   f"{dtype} D{d_class} {tiles}{' default' if default else ''}") or not default
     return ok
 
 
@@ -188,21 +174,9 @@ def compile_linear(target, all_tiles: bool) -> bool:
                             sig[name] = f"*{dtype}"
                         else:
                             sig[name] = "i32"
-                    start = time.time()
-                    label = (f"sm_{target.arch} linear {kind:10} {dtype} {'gated' if gated else 'plain'} "
-                             f"{(m, n, k, w, st)}{'' if even else ' masked'}")
-                    try:
-                        kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                                                options={"num_warps": w, "num_stages": st})
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"FAIL  {label}: {type(exc).__name__}: {str(exc)[:200]}")
-                        ok &= i > 0
-                        continue
-                    shared = kernel.metadata.shared
-                    fits = shared <= SHARED_LIMIT[target.arch]
-                    ok &= fits or i > 0
-                    print(f"{'ok  ' if fits else 'BIG '}  {label}{' default' if i == 0 else ''}: "
-                          f"{time.time() - start:5.1f} s, shared {shared} B")
+                    label = (f"{kind} {dtype} {'gated' if gated else 'plain'} {(m, n, k, w, st)}"
+                             f"{'' if even else ' masked'}{' default' if i == 0 else ''}")
+                    ok &= _compile_one(fn, sig, consts, target, {"num_warps": w, "num_stages": st}, label) or i > 0
     return ok
 
 

@@ -27,11 +27,12 @@ class HugePageAllocator final : public c10::Allocator {
   static constexpr size_t kHugePage = size_t{2} << 20;
   static constexpr size_t kMinBytes = size_t{32} << 20;
 
+  // Blocks under kMinBytes (a resize_ can ask for any size) go to ATen's CPU allocator.
   c10::DataPtr allocate(size_t nbytes) override {
     // Rounded up so that the last huge page lies inside the block that madvise names.
     const size_t bytes = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
     void* data = nullptr;
-    if (nbytes == 0 || posix_memalign(&data, kHugePage, bytes) != 0) {
+    if (nbytes < kMinBytes || posix_memalign(&data, kHugePage, bytes) != 0) {
       return c10::GetCPUAllocator()->allocate(nbytes);
     }
 #if defined(__linux__)
@@ -58,13 +59,8 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
                                c10::MemoryFormat memory_format = c10::MemoryFormat::Contiguous) {
 #if defined(__linux__)
   if (options.device().is_cpu() && !options.pinned_memory()) {
-    size_t bytes = options.dtype().itemsize();
-    for (const int64_t s : sizes) bytes *= static_cast<size_t>(s);
-    if (bytes >= HugePageAllocator::kMinBytes) {
-      return at::detail::empty_generic(sizes, HugePageAllocator::get(),
-                                       c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                       options.dtype().toScalarType(), memory_format);
-    }
+    return at::detail::empty_generic(sizes, HugePageAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), memory_format);
   }
 #endif
   return at::empty(sizes, options.memory_format(memory_format));
