@@ -211,3 +211,31 @@ def test_cpu_timing_interleaves_the_implementations_of_a_case():
     # A turn is two calls (untimed, timed); a round's last turn may meet the next round's
     # first, of the same implementation, as the first in turn rotates.
     assert len(turns) >= 12 and len(runs) >= 4 and set(runs) <= {2, 4}
+
+
+# The C++ CPU kernels' per-call GEMMs (attention tiles, weight gradients) come from oneDNN on
+# AMD CPUs and from ATen's MKL on Intel CPUs (csrc/cpu/gemm.h); CI lands on either kind, so
+# each library is forced once here: the CPU-kernel tests of the GEMM families, in a subprocess
+# (the choice is read once per process).
+@pytest.mark.skipif("cpu" not in backends.available_backends("cpu"), reason="needs the C++ CPU kernels")
+@pytest.mark.parametrize("library", ["onednn", "aten"])
+def test_cpu_kernels_under_each_gemm_library(library):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu and not triton",
+         "test_linear.py", "test_attention.py", "test_lstm.py"],
+        cwd=tests, env=dict(os.environ, FUSEFORMER_CPU_GEMM=library), capture_output=True, text=True, timeout=1200,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
+
+
+@pytest.mark.skipif("cpu" not in backends.available_backends("cpu"), reason="needs the C++ CPU kernels")
+def test_bad_cpu_gemm_library_is_a_clear_error():
+    code = ("import torch, fuseformer\n"
+            "with fuseformer.use_backend('cpu'):\n"
+            "    fuseformer.ops.attention(*(torch.randn(1, 1, 256, 64) for _ in range(3)))\n")
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FUSEFORMER_CPU_GEMM="mkl"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got 'mkl'" in run.stderr

@@ -2,7 +2,8 @@
 //
 // Tiling: tasks are (batch, head, tile of block_m queries), run in parallel. A task streams
 // the visible keys in tiles of kBlockN: S = Q·Kᵀ and O += P·V are GEMMs on tile views
-// (oneDNN through PackedLinear::product: 2x ATen's MKL at these shapes on our AMD CPUs), so
+// (PackedLinear::product_into: oneDNN, 2x ATen's MKL at these shapes on our AMD CPUs; MKL
+// on Intel CPUs, gemm.h), into tile buffers reused across the task's tiles, so
 // only a block_m x kBlockN score tile ever exists; the softmax is online (running row max and sum,
 // accumulator rescaled). The elementwise row work (softcap, ALiBi, mask, exp) runs in float
 // loops the compiler vectorizes, with an exp of our own (below): libm's expf does not
@@ -238,6 +239,11 @@ std::pair<int64_t, int64_t> tile_key_range(const Problem& p, int64_t b, int64_t 
 // call: B·H·S·D elements against the attention's 4·B·H·S·L·D FLOPs.
 at::Tensor dense_heads(const at::Tensor& t) { return t.stride(2) == t.size(3) || t.size(2) <= 1 ? t : t.contiguous(); }
 
+// A contiguous (rows, cols) tile on the front of a flat buffer reused across the tiles of a task.
+at::Tensor tile_view(const at::Tensor& store, int64_t rows, int64_t cols) {
+  return store.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
 // ---- forward -------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k_in,
@@ -270,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     // each worker), and no autograd dispatch cost.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<float> row_m(tile_rows), row_l(tile_rows);
+    at::Tensor s_store = at::empty({tile_rows * kBlockN}, q.options()), acc_store = at::empty({tile_rows * d}, q.options());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m_tile = task % m_tiles, bh = task / m_tiles;
       const int64_t b = bh / (p.heads / heads_per_task), h0 = bh % (p.heads / heads_per_task) * heads_per_task;
@@ -284,16 +291,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
       const at::Tensor q_tile = packed ? q[b].narrow(0, h0, heads_per_task).reshape({rows, d})
                                        : q[b][h0].narrow(0, m0, rows);
       const at::Tensor k_bh = k[b][kvh], v_bh = v[b][kvh];
-      at::Tensor acc_tile;  // O's unnormalized rows, from the first key tile on
+      at::Tensor acc_tile = tile_view(acc_store, rows, d);  // O's unnormalized rows
       std::fill(row_m.begin(), row_m.end(), kNegInf);
       std::fill(row_l.begin(), row_l.end(), 0.0f);
 
       const auto [lo, hi] = tile_key_range(p, b, m0, m1);
+      bool accumulated = false;
       for (int64_t n0 = lo; n0 < hi; n0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, hi - n0);
-        at::Tensor s = PackedLinear::product(q_tile, k_bh.narrow(0, n0, cols));
+        at::Tensor s = tile_view(s_store, rows, cols);
+        PackedLinear::product_into(s, q_tile, k_bh.narrow(0, n0, cols), false);
         float* s_ptr = s.data_ptr<float>();
-        float* acc_ptr = acc_tile.defined() ? acc_tile.data_ptr<float>() : nullptr;
+        float* acc_ptr = accumulated ? acc_tile.data_ptr<float>() : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
           float* s_row = s_ptr + r * cols;
           const int64_t h = h_of(r), i = i_of(r), pos = i + off;
@@ -317,10 +326,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
           row_m[r] = m_new;
           if (acc_ptr && alpha != 1.0f) scale_row(acc_ptr + r * d, d, alpha);
         }
-        const at::Tensor v_t = v_bh.narrow(0, n0, cols).t();
-        acc_tile = acc_tile.defined() ? PackedLinear::product(s, v_t, acc_tile) : PackedLinear::product(s, v_t);
+        PackedLinear::product_into(acc_tile, s, v_bh.narrow(0, n0, cols).t(), accumulated);
+        accumulated = true;
       }
-      if (!acc_tile.defined()) acc_tile = at::zeros({rows, d}, q.options());  // no visible key
+      if (!accumulated) acc_tile.zero_();  // no visible key
       float* out_b = out[b].data_ptr<float>();  // out is contiguous (H, S, D) per batch
       float* lse_b = lse[b].data_ptr<float>();
       const float* acc_ptr = acc_tile.data_ptr<float>();
@@ -372,6 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor tanh_buffer = has_softcap ? at::empty({block_m * kBlockN}, q.options()) : at::Tensor();
+    at::Tensor s_store = at::empty({block_m * kBlockN}, q.options()), dp_store = at::empty_like(s_store);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.kv_heads, kvh = task % p.kv_heads;
       const int64_t keys = p.keys(b), off = p.offset(b);
@@ -391,8 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           for (int64_t n0 = lo; n0 < hi; n0 += kBlockN) {
             const int64_t cols = std::min(kBlockN, hi - n0);
             const at::Tensor k_tile = k_bh.narrow(0, n0, cols), v_tile = v_bh.narrow(0, n0, cols);
-            at::Tensor s = PackedLinear::product(q_tile, k_tile);
-            at::Tensor dp = PackedLinear::product(do_tile, v_tile);
+            at::Tensor s = tile_view(s_store, rows, cols), dp = tile_view(dp_store, rows, cols);
+            PackedLinear::product_into(s, q_tile, k_tile, false);
+            PackedLinear::product_into(dp, do_tile, v_tile, false);
             float* s_ptr = s.data_ptr<float>();
             float* dp_ptr = dp.data_ptr<float>();
             for (int64_t i = 0; i < rows; ++i) {
@@ -409,9 +420,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             }
             // s now holds P, dp holds dS (w.r.t. scale·q·k).
             at::Tensor dv_tile = dv_bh.narrow(0, n0, cols), dk_tile = dk_bh.narrow(0, n0, cols);
-            dv_tile.add_(PackedLinear::weight_grad(s, do_tile));
-            dk_tile.add_(PackedLinear::weight_grad(dp, q_tile), scale);
-            dq_tile.add_(PackedLinear::product(dp, k_tile.t()), scale);
+            PackedLinear::weight_grad_into(dv_tile, s, do_tile);
+            PackedLinear::weight_grad_into(dk_tile, dp, q_tile, scale);
+            PackedLinear::product_into(dq_tile, dp, k_tile.t(), true, scale);
           }
         }
       }

@@ -23,6 +23,16 @@ namespace fuseformer::cpu {
 // other dtypes or layouts), for the caller's fallback. For op kernels (no autograd record).
 constexpr int64_t kSmallRowsMax = 7;
 bool has_avx512();  // this CPU runs AVX-512F (checked once)
+
+// The library for the float32 GEMMs whose operands are made per call (attention's tiles,
+// weight gradients), where oneDNN and ATen's BLAS both apply. MKL, the BLAS of the x86 torch
+// wheels, takes its fast kernels on Intel CPUs only: on the AMD EPYC of most of our machines it
+// runs AVX2 code and oneDNN measured 1.5-2x faster there; on an Intel Xeon (AVX-512) MKL is as
+// fast or faster: the weight gradients 1.3-3.4x, attention's 256x64x512 tiles 1.2x
+// (benchmarks/NOTES.md, 2026-12-02). So kAten on Intel CPUs when torch has MKL, else kOneDnn.
+// FUSEFORMER_CPU_GEMM=onednn or aten overrides it (read once per process).
+enum class GemmLibrary { kOneDnn, kAten };
+GemmLibrary per_call_gemm_library();
 std::optional<at::Tensor> small_rows_linear(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& addend = std::nullopt);
@@ -85,10 +95,43 @@ class PackedLinear {
   static constexpr int64_t kMinProductMacs = int64_t{1} << 20;
   static at::Tensor product(const at::Tensor& a, const at::Tensor& b,
                             const std::optional<at::Tensor>& addend = std::nullopt) {
-    if (!usable(b, a.size(0)) || a.scalar_type() != at::kFloat || a.size(0) * a.size(1) * b.size(0) < kMinProductMacs) {
+    if (!dnnl_product(a, b, a.size(0) * a.size(1) * b.size(0)) || !usable(b, a.size(0))) {
       return addend ? at::addmm(*addend, a, b.t()) : at::mm(a, b.t());
     }
     return addend ? onednn_linear_add(a, *addend, b) : onednn_linear(a, b, std::nullopt);
+  }
+
+  // The same into tile buffers that persist across a loop (attention's tiles): out (+)= alpha a bᵀ,
+  // out (rows of a, rows of b) with unit column stride. Accumulating updates out in place
+  // (it may be a view of a result); otherwise ATen writes into out (no allocation per tile: a
+  // 256x512 float tile is 512 KB, which glibc may serve with fresh pages each time) and oneDNN,
+  // which has no out= form, rebinds out to its own result.
+  static void product_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                           double alpha = 1.0) {
+    if (!dnnl_product(a, b, a.size(0) * a.size(1) * b.size(0)) || !usable(b, a.size(0))) {
+      if (accumulate) {
+        out.addmm_(a, b.t(), 1.0, alpha);
+      } else {
+        at::mm_out(out, a, b.t());
+        if (alpha != 1.0) out.mul_(alpha);
+      }
+      return;
+    }
+    if (accumulate) {
+      out.add_(onednn_linear(a, b, std::nullopt), alpha);
+    } else {
+      out = onednn_linear(a, b, std::nullopt);
+      if (alpha != 1.0) out.mul_(alpha);
+    }
+  }
+
+  // out += alpha dzᵀ x (weight_grad accumulated in place).
+  static void weight_grad_into(at::Tensor& out, const at::Tensor& dz, const at::Tensor& x, double alpha = 1.0) {
+    if (!dnnl_product(dz, x, dz.size(0) * dz.size(1) * x.size(1))) {
+      out.addmm_(dz.t(), x, 1.0, alpha);
+    } else {
+      out.add_(weight_grad(dz, x), alpha);
+    }
   }
 
   // dzᵀ x, a weight gradient ((N, K) from dz (M, N) and x (M, K)), through oneDNN: 1.45-2.0x
@@ -119,7 +162,7 @@ class PackedLinear {
   // (1024 x 1024 x 256: 1.19 ms with the result's transpose, against 1.52). Wᵀ is kept
   // (WeightCache) for weights that persist.
   static at::Tensor input_grad_t(const at::Tensor& weight, const at::Tensor& dz_t) {
-    if (!usable(weight, dz_t.size(1)) || dz_t.size(0) * dz_t.size(1) * weight.size(1) < kMinProductMacs) {
+    if (!dnnl_product(dz_t, weight, dz_t.size(0) * dz_t.size(1) * weight.size(1)) || !usable(weight, dz_t.size(1))) {
       return at::mm(dz_t.t(), weight);
     }
     const auto transpose = [&] { return weight.t().contiguous(); };
@@ -185,10 +228,11 @@ class PackedLinear {
     return cached && weight.is_contiguous() && WeightCache::cacheable(weight);
   }
 
-  // Whether a float32 product of a and b (macs multiply-adds) goes to oneDNN.
+  // Whether a float32 product of a and b made per call (macs multiply-adds) goes to oneDNN.
   static bool dnnl_product(const at::Tensor& a, const at::Tensor& b, int64_t macs) {
     return dnnl_ops().ok && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-           macs >= kMinProductMacs && at::globalContext().userEnabledMkldnn();
+           macs >= kMinProductMacs && at::globalContext().userEnabledMkldnn() &&
+           per_call_gemm_library() == GemmLibrary::kOneDnn;
   }
 
   static bool usable(const at::Tensor& weight, int64_t rows) {

@@ -10,9 +10,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <string_view>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -105,6 +109,28 @@ bool has_avx512() {
 #else
   return false;
 #endif
+}
+
+GemmLibrary per_call_gemm_library() {
+  static const GemmLibrary library = [] {
+    if (const char* env = std::getenv("FUSEFORMER_CPU_GEMM")) {
+      const std::string_view v(env);
+      if (v == "onednn") return GemmLibrary::kOneDnn;
+      if (v == "aten") return GemmLibrary::kAten;
+      TORCH_CHECK(v.empty() || v == "auto", "FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got '", v, "'");
+    }
+    bool intel = false;
+#if defined(__x86_64__) && defined(__GNUC__)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
+      char vendor[12];
+      std::memcpy(vendor, &ebx, 4), std::memcpy(vendor + 4, &edx, 4), std::memcpy(vendor + 8, &ecx, 4);
+      intel = std::string_view(vendor, 12) == "GenuineIntel";
+    }
+#endif
+    return intel && at::hasMKL() ? GemmLibrary::kAten : GemmLibrary::kOneDnn;
+  }();
+  return library;
 }
 
 std::optional<at::Tensor> small_rows_linear(const at::Tensor& x, const at::Tensor& weight,
