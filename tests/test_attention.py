@@ -632,11 +632,16 @@ def check_decode(backend, device, groups, n_new, dtype, max_k, head_dim):
             torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("seqlen,want_kernel", [(32, False), (256, True)], ids=["small", "large"])
+@pytest.mark.parametrize("seqlen", [32, 256, 384])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_cpu_default_takes_the_kernels_from_128x128_scores(monkeypatch, seqlen, want_kernel, causal):
+@pytest.mark.parametrize("gemm_library", ["onednn", "aten"])
+def test_cpu_default_takes_the_kernels_from_the_crossover(monkeypatch, seqlen, causal, gemm_library):
+    # From 128x128 scores the kernels; where SDPA's tiles run on MKL's fast kernels too (Intel
+    # CPUs: backends.cpu_gemm_library() == "aten") from 384x384 and only causal.
     if ("cpu", "cpu") not in PAIRS or fuseformer.backends.resolve("attention", torch.device("cpu")) != "cpu":
         pytest.skip("the C++ CPU kernels are not the CPU default here")
+    monkeypatch.setattr(fuseformer.backends, "cpu_gemm_library", lambda: gemm_library)
+    want_kernel = seqlen >= 384 and causal if gemm_library == "aten" else seqlen >= 128
     attention_ops = sys.modules["fuseformer.ops.attention"]  # the package exports the function under that name
     calls = []
     real = attention_ops._cpp_attention

@@ -239,3 +239,20 @@ def test_bad_cpu_gemm_library_is_a_clear_error():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got 'mkl'" in run.stderr
+
+
+def test_cpu_gemm_library_follows_the_environment(monkeypatch):
+    try:
+        for value in ("onednn", "aten"):
+            monkeypatch.setenv("FUSEFORMER_CPU_GEMM", value)
+            backends.cpu_gemm_library.cache_clear()
+            assert backends.cpu_gemm_library() == value
+        monkeypatch.setenv("FUSEFORMER_CPU_GEMM", "mkl")
+        backends.cpu_gemm_library.cache_clear()
+        with pytest.raises(ValueError, match="FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got 'mkl'"):
+            backends.cpu_gemm_library()
+        monkeypatch.delenv("FUSEFORMER_CPU_GEMM")
+        backends.cpu_gemm_library.cache_clear()
+        assert backends.cpu_gemm_library() in ("onednn", "aten")
+    finally:
+        backends.cpu_gemm_library.cache_clear()

@@ -30,6 +30,7 @@ def collect() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_gemm_library": backends.cpu_gemm_library(),
         "extension": "loaded" if _extension.loaded() else f"not loaded: {_extension.LOAD_ERROR}",
         "extension_cuda_kernels": _extension.has_kernel("norm_fwd", "CUDA"),
         "backends": {
@@ -52,7 +53,7 @@ def info(print_out: bool = True) -> dict[str, Any]:
         console = Console()
         versions = Table(title="fuseformer", show_header=False)
         for key in ("fuseformer", "python", "torch", "torch_cuda", "triton", "triton_interpret",
-                    "gpu", "cpu", "cpu_threads", "extension", "extension_cuda_kernels", "forced_backend"):
+                    "gpu", "cpu", "cpu_threads", "cpu_gemm_library", "extension", "extension_cuda_kernels", "forced_backend"):
             versions.add_row(key, str(facts[key]))
         console.print(versions)
         table = Table(title="backends")

@@ -39,9 +39,12 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "rms_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Attention (dense and packed): the Triton flash kernels on CUDA (not yet measured on a
     # GPU). On CPU (benchmarks/results/cpu/attention.md) the C++ kernels (tile GEMMs through
-    # oneDNN) are 1.5-2.2x SDPA causal or not, and lose below ~128x128 scores per head, so
-    # calls SDPA can run that are that small stay on SDPA (ops/attention.py) and everything
-    # else takes the C++ kernels.
+    # oneDNN) are 1.5-2.2x SDPA causal or not on AMD CPUs, and lose below ~128x128 scores per
+    # head, so calls SDPA can run that are that small stay on SDPA (ops/attention.py) and
+    # everything else takes the C++ kernels. On Intel CPUs (benchmarks/results/cpu-intel-xeon/)
+    # SDPA's tiles run on MKL's fast kernels too: causal calls from 384x384 scores are 1.0-1.6x
+    # SDPA there, non-causal ones 0.74-0.99x at every length, so where cpu_gemm_library() is
+    # "aten" only causal calls from 384x384 take the kernels.
     "attention": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # KV-cache decode: split-K Triton on CUDA. On CPU the C++ decode kernel (direct dot
     # products, a GQA group's heads share each key row, split-K over the threads): 1.1-1.9x
@@ -87,6 +90,24 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "lstm": BACKENDS,
     "quant": BACKENDS,
 }
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_gemm_library() -> str:
+    """Where the C++ CPU kernels' per-call GEMMs run: "aten" (MKL) on Intel CPUs when torch has
+    MKL, else "onednn"; FUSEFORMER_CPU_GEMM overrides it. Mirrors csrc/cpu/gemm.h's
+    per_call_gemm_library(), which makes the same choice for the kernels themselves."""
+    forced = os.environ.get("FUSEFORMER_CPU_GEMM", "auto")
+    if forced in ("onednn", "aten"):
+        return forced
+    if forced not in ("auto", ""):
+        raise ValueError(f"FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got {forced!r}")
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            intel = any(line.split(":")[-1].strip() == "GenuineIntel" for line in cpuinfo if line.startswith("vendor_id"))
+    except OSError:
+        intel = False
+    return "aten" if intel and torch.backends.mkl.is_available() else "onednn"
 
 
 class BackendUnavailableError(RuntimeError):

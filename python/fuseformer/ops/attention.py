@@ -295,8 +295,12 @@ def math_attention(
 
 # Below this many scores per head (S x L) the C++ CPU kernels lose to SDPA, causal or not
 # (measured at B x H = 4 and 32, D = 64: S = L = 64 0.71-0.92x, 96 0.95-1.19x, 128 1.04-1.29x
-# forward and forward+backward; benchmarks/NOTES.md).
-CPU_SDPA_BELOW_SCORES = 128 * 128
+# forward and forward+backward; benchmarks/NOTES.md). Where the tile GEMMs are MKL's (Intel
+# CPUs: backends.cpu_gemm_library() == "aten"), SDPA's are too and the crossover is later:
+# causal S = L = 128 0.67-0.77x forward, 256 0.96-0.98x, 384 1.13-1.15x (forward+backward
+# 0.76-0.90x, 1.02-1.14x, 1.23-1.27x); non-causal calls lose at every length measured there
+# (0.74-0.97x forward up to 512, 0.84-0.92x at 1024-2048), so they stay on SDPA.
+CPU_SDPA_BELOW_SCORES = {"onednn": 128 * 128, "aten": 384 * 384}
 
 
 def _sdpa_can_run(mask, slopes, softcap, window, lower_right, need_lse, seqlen_q, seqlen_k) -> bool:
@@ -505,7 +509,8 @@ def attention(
     ):
         # SDPA's CPU flash path is faster below ~128x128 scores (calls too small to amortize
         # our per-call cost); backends.DEFAULTS.
-        if seqlen_q * seqlen_k < CPU_SDPA_BELOW_SCORES:
+        library = backends.cpu_gemm_library()
+        if seqlen_q * seqlen_k < CPU_SDPA_BELOW_SCORES[library] or (library == "aten" and window[1] != 0):
             backend = "torch"
     if backend == "torch":
         out, lse = _torch_attention(q, k, v, mask, scale, window, softcap, alibi_slopes, lower_right, dropout_p, return_lse)
