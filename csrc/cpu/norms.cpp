@@ -181,6 +181,13 @@ void norm_fwd_kernel(const T* x, const T* residual, const float* w, const float*
     std::vector<float> row_buf(need_row ? cols : 0), scratch(residual ? cols : 0),
         out_buf(kFloat ? 0 : cols);
     for (int64_t r = begin; r < end; ++r) {
+      // The next row's lines are requested now: the passes over this row run from L1 and
+      // would otherwise leave the memory idle (LayerNorm 4096x1024 forward 5-15% faster on an
+      // Intel Xeon, alternating builds; RMSNorm unchanged; benchmarks/NOTES.md).
+      if (r + 1 < end) {
+        const char* next = reinterpret_cast<const char*>(x + (r + 1) * cols);
+        for (int64_t byte = 0; byte < cols * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(next + byte);
+      }
       const float* row;
       if (!need_row) {
         row = reinterpret_cast<const float*>(x + r * cols);
