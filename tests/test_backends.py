@@ -242,17 +242,11 @@ def test_bad_cpu_gemm_library_is_a_clear_error():
 
 
 def test_cpu_gemm_library_follows_the_environment(monkeypatch):
-    try:
-        for value in ("onednn", "aten"):
-            monkeypatch.setenv("FUSEFORMER_CPU_GEMM", value)
-            backends.cpu_gemm_library.cache_clear()
-            assert backends.cpu_gemm_library() == value
-        monkeypatch.setenv("FUSEFORMER_CPU_GEMM", "mkl")
-        backends.cpu_gemm_library.cache_clear()
-        with pytest.raises(ValueError, match="FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got 'mkl'"):
-            backends.cpu_gemm_library()
-        monkeypatch.delenv("FUSEFORMER_CPU_GEMM")
-        backends.cpu_gemm_library.cache_clear()
-        assert backends.cpu_gemm_library() in ("onednn", "aten")
-    finally:
-        backends.cpu_gemm_library.cache_clear()
+    for value in ("onednn", "aten"):
+        monkeypatch.setenv("FUSEFORMER_CPU_GEMM", value)
+        assert backends.cpu_gemm_library() == value
+    monkeypatch.setenv("FUSEFORMER_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match="FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got 'mkl'"):
+        backends.cpu_gemm_library()
+    monkeypatch.delenv("FUSEFORMER_CPU_GEMM")
+    assert backends.cpu_gemm_library() in ("onednn", "aten")

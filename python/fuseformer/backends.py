@@ -92,7 +92,18 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+def _cpu_is_intel() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.split(":")[-1].strip() == "GenuineIntel" for line in cpuinfo if line.startswith("vendor_id"))
+    except OSError:
+        return False
+
+
+# Read once at import: compiled callers (torch.compile traces cpu_gemm_library) see a constant.
+_MKL_ON_INTEL = _cpu_is_intel() and torch.backends.mkl.is_available()
+
+
 def cpu_gemm_library() -> str:
     """Where the C++ CPU kernels' per-call GEMMs run: "aten" (MKL) on Intel CPUs when torch has
     MKL, else "onednn"; FUSEFORMER_CPU_GEMM overrides it. Mirrors csrc/cpu/gemm.h's
@@ -102,12 +113,7 @@ def cpu_gemm_library() -> str:
         return forced
     if forced not in ("auto", ""):
         raise ValueError(f"FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got {forced!r}")
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            intel = any(line.split(":")[-1].strip() == "GenuineIntel" for line in cpuinfo if line.startswith("vendor_id"))
-    except OSError:
-        intel = False
-    return "aten" if intel and torch.backends.mkl.is_available() else "onednn"
+    return "aten" if _MKL_ON_INTEL else "onednn"
 
 
 class BackendUnavailableError(RuntimeError):
