@@ -250,3 +250,17 @@ def test_cpu_gemm_library_follows_the_environment(monkeypatch):
         backends.cpu_gemm_library()
     monkeypatch.delenv("FUSEFORMER_CPU_GEMM")
     assert backends.cpu_gemm_library() in ("onednn", "aten")
+
+
+# The extension reads the vendor with cpuid; Linux names it in /proc/cpuinfo, an independent
+# reading of the same fact: MKL (ATen) on Intel CPUs when torch has MKL, oneDNN otherwise.
+@pytest.mark.skipif("cpu" not in backends.available_backends("cpu"), reason="needs the C++ CPU kernels")
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the vendor from /proc/cpuinfo")
+def test_vendor_cpu_gemm_library_is_the_cpus(monkeypatch):
+    with open("/proc/cpuinfo") as cpuinfo:
+        vendors = {line.split(":")[-1].strip() for line in cpuinfo if line.startswith("vendor_id")}
+    intel = vendors == {"GenuineIntel"}
+    expected = "aten" if intel and torch.backends.mkl.is_available() else "onednn"
+    assert fuseformer._extension.vendor_cpu_gemm_library() == expected
+    monkeypatch.delenv("FUSEFORMER_CPU_GEMM", raising=False)
+    assert backends.cpu_gemm_library() == expected

@@ -32,7 +32,8 @@ bool has_avx512();  // this CPU runs AVX-512F (checked once)
 // (benchmarks/NOTES.md, 2026-12-02). So kAten on Intel CPUs when torch has MKL, else kOneDnn.
 // FUSEFORMER_CPU_GEMM=onednn or aten overrides it (read once per process).
 enum class GemmLibrary { kOneDnn, kAten };
-GemmLibrary per_call_gemm_library();
+GemmLibrary vendor_gemm_library();    // this CPU's choice (cpuid), without the override
+GemmLibrary per_call_gemm_library();  // the override, else vendor_gemm_library()
 std::optional<at::Tensor> small_rows_linear(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& addend = std::nullopt);
@@ -95,33 +96,26 @@ class PackedLinear {
   static constexpr int64_t kMinProductMacs = int64_t{1} << 20;
   static at::Tensor product(const at::Tensor& a, const at::Tensor& b,
                             const std::optional<at::Tensor>& addend = std::nullopt) {
-    if (!dnnl_product(a, b, a.size(0) * a.size(1) * b.size(0)) || !usable(b, a.size(0))) {
+    if (!dnnl_linear(a, b)) {
       return addend ? at::addmm(*addend, a, b.t()) : at::mm(a, b.t());
     }
     return addend ? onednn_linear_add(a, *addend, b) : onednn_linear(a, b, std::nullopt);
   }
 
-  // The same into tile buffers that persist across a loop (attention's tiles): out (+)= alpha a bᵀ,
-  // out (rows of a, rows of b) with unit column stride. Accumulating updates out in place
-  // (it may be a view of a result); otherwise ATen writes into out (no allocation per tile: a
-  // 256x512 float tile is 512 KB, which glibc may serve with fresh pages each time) and oneDNN,
-  // which has no out= form, rebinds out to its own result.
+  // The same into tile buffers that persist across a loop (attention's tiles): out = a bᵀ, or
+  // out += alpha a bᵀ where accumulating; out (rows of a, rows of b) with unit column stride.
+  // Accumulating updates out in place (it may be a view of a result); otherwise ATen writes
+  // into out (no allocation per tile: a 256x512 float tile is 512 KB, which glibc may serve
+  // with fresh pages each time) and oneDNN, which has no out= form, rebinds out to its result.
   static void product_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                            double alpha = 1.0) {
-    if (!dnnl_product(a, b, a.size(0) * a.size(1) * b.size(0)) || !usable(b, a.size(0))) {
-      if (accumulate) {
-        out.addmm_(a, b.t(), 1.0, alpha);
-      } else {
-        at::mm_out(out, a, b.t());
-        if (alpha != 1.0) out.mul_(alpha);
-      }
-      return;
-    }
-    if (accumulate) {
+    TORCH_INTERNAL_ASSERT(accumulate || alpha == 1.0, "product_into scales only what it accumulates");
+    if (!dnnl_linear(a, b)) {
+      accumulate ? out.addmm_(a, b.t(), 1.0, alpha) : at::mm_out(out, a, b.t());
+    } else if (accumulate) {
       out.add_(onednn_linear(a, b, std::nullopt), alpha);
     } else {
       out = onednn_linear(a, b, std::nullopt);
-      if (alpha != 1.0) out.mul_(alpha);
     }
   }
 
@@ -162,9 +156,7 @@ class PackedLinear {
   // (1024 x 1024 x 256: 1.19 ms with the result's transpose, against 1.52). Wᵀ is kept
   // (WeightCache) for weights that persist.
   static at::Tensor input_grad_t(const at::Tensor& weight, const at::Tensor& dz_t) {
-    if (!dnnl_product(dz_t, weight, dz_t.size(0) * dz_t.size(1) * weight.size(1)) || !usable(weight, dz_t.size(1))) {
-      return at::mm(dz_t.t(), weight);
-    }
+    if (!dnnl_linear(dz_t.t(), weight.t())) return at::mm(dz_t.t(), weight);
     const auto transpose = [&] { return weight.t().contiguous(); };
     const at::Tensor weight_t =
         cacheable(weight, true)
@@ -233,6 +225,11 @@ class PackedLinear {
     return dnnl_ops().ok && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
            macs >= kMinProductMacs && at::globalContext().userEnabledMkldnn() &&
            per_call_gemm_library() == GemmLibrary::kOneDnn;
+  }
+
+  // Whether a bᵀ (a (M, K), b (N, K)) made per call goes to oneDNN's linear.
+  static bool dnnl_linear(const at::Tensor& a, const at::Tensor& b) {
+    return dnnl_product(a, b, a.size(0) * a.size(1) * b.size(0)) && usable(b, a.size(0));
   }
 
   static bool usable(const at::Tensor& weight, int64_t rows) {

@@ -111,14 +111,8 @@ bool has_avx512() {
 #endif
 }
 
-GemmLibrary per_call_gemm_library() {
+GemmLibrary vendor_gemm_library() {
   static const GemmLibrary library = [] {
-    if (const char* env = std::getenv("FUSEFORMER_CPU_GEMM")) {
-      const std::string_view v(env);
-      if (v == "onednn") return GemmLibrary::kOneDnn;
-      if (v == "aten") return GemmLibrary::kAten;
-      TORCH_CHECK(v.empty() || v == "auto", "FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got '", v, "'");
-    }
     bool intel = false;
 #if defined(__x86_64__) && defined(__GNUC__)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -129,6 +123,19 @@ GemmLibrary per_call_gemm_library() {
     }
 #endif
     return intel && at::hasMKL() ? GemmLibrary::kAten : GemmLibrary::kOneDnn;
+  }();
+  return library;
+}
+
+GemmLibrary per_call_gemm_library() {
+  static const GemmLibrary library = [] {
+    if (const char* env = std::getenv("FUSEFORMER_CPU_GEMM")) {
+      const std::string_view v(env);
+      if (v == "onednn") return GemmLibrary::kOneDnn;
+      if (v == "aten") return GemmLibrary::kAten;
+      TORCH_CHECK(v.empty() || v == "auto", "FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got '", v, "'");
+    }
+    return vendor_gemm_library();
   }();
   return library;
 }

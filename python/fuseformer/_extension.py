@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from fuseformer import _C  # noqa: F401  (import registers torch.ops.fuseformer.*)
+    from fuseformer import _C  # import registers torch.ops.fuseformer.*
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:  # a source checkout without a build, or a broken build
@@ -21,3 +21,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if not loaded():
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fuseformer::{op}", dispatch_key)
+
+
+def vendor_cpu_gemm_library() -> str:
+    """Where this CPU sends the C++ kernels' per-call float32 GEMMs without FUSEFORMER_CPU_GEMM:
+    "aten" (MKL, on Intel CPUs) or "onednn"; the extension's own answer (csrc/cpu/gemm.h), so
+    the Python dispatch and the kernels agree. "onednn" without the extension (no kernels)."""
+    return _C.vendor_cpu_gemm_library() if loaded() else "onednn"

@@ -92,28 +92,20 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
 }
 
 
-def _cpu_is_intel() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.split(":")[-1].strip() == "GenuineIntel" for line in cpuinfo if line.startswith("vendor_id"))
-    except OSError:
-        return False
-
-
 # Read once at import: compiled callers (torch.compile traces cpu_gemm_library) see a constant.
-_MKL_ON_INTEL = _cpu_is_intel() and torch.backends.mkl.is_available()
+_VENDOR_CPU_GEMM = _extension.vendor_cpu_gemm_library()
 
 
 def cpu_gemm_library() -> str:
     """Where the C++ CPU kernels' per-call GEMMs run: "aten" (MKL) on Intel CPUs when torch has
-    MKL, else "onednn"; FUSEFORMER_CPU_GEMM overrides it. Mirrors csrc/cpu/gemm.h's
-    per_call_gemm_library(), which makes the same choice for the kernels themselves."""
+    MKL, else "onednn"; FUSEFORMER_CPU_GEMM overrides it. The vendor's choice is the
+    extension's (csrc/cpu/gemm.h per_call_gemm_library(), which the kernels follow)."""
     forced = os.environ.get("FUSEFORMER_CPU_GEMM", "auto")
     if forced in ("onednn", "aten"):
         return forced
     if forced not in ("auto", ""):
         raise ValueError(f"FUSEFORMER_CPU_GEMM must be onednn, aten or auto, got {forced!r}")
-    return "aten" if _MKL_ON_INTEL else "onednn"
+    return _VENDOR_CPU_GEMM
 
 
 class BackendUnavailableError(RuntimeError):
