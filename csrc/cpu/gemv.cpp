@@ -21,6 +21,7 @@
 #endif
 
 #include "gemm.h"
+#include "vectorize.h"
 
 namespace fuseformer::cpu {
 namespace {
@@ -111,20 +112,23 @@ bool has_avx512() {
 #endif
 }
 
-GemmLibrary vendor_gemm_library() {
-  static const GemmLibrary library = [] {
-    bool intel = false;
+bool cpu_is_intel() {
+  static const bool intel = [] {
 #if defined(__x86_64__) && defined(__GNUC__)
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
       char vendor[12];
       std::memcpy(vendor, &ebx, 4), std::memcpy(vendor + 4, &edx, 4), std::memcpy(vendor + 8, &ecx, 4);
-      intel = std::string_view(vendor, 12) == "GenuineIntel";
+      return std::string_view(vendor, 12) == "GenuineIntel";
     }
 #endif
-    return intel && at::hasMKL() ? GemmLibrary::kAten : GemmLibrary::kOneDnn;
+    return false;
   }();
-  return library;
+  return intel;
+}
+
+GemmLibrary vendor_gemm_library() {
+  return cpu_is_intel() && at::hasMKL() ? GemmLibrary::kAten : GemmLibrary::kOneDnn;
 }
 
 GemmLibrary per_call_gemm_library() {

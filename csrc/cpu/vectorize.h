@@ -7,3 +7,9 @@
 #else
 #define FF_VECTORIZE
 #endif
+
+namespace fuseformer::cpu {
+// The CPU's vendor is Intel (cpuid, read once; false off x86): memory-side choices that
+// measured opposite on Intel Xeon and AMD EPYC follow it (csrc/cpu/gemv.cpp).
+bool cpu_is_intel();
+}  // namespace fuseformer::cpu
