@@ -1,66 +1,187 @@
-// Kernel outputs; on the CPU, allocated on transparent huge pages when they are large.
+// Kernel outputs; on the CPU, large ones come from a cache of blocks already mapped.
 //
-// glibc serves every block of 32 MiB or more (its largest mmap threshold) with a fresh mmap and
-// unmaps it on free, so each such output faults in all of its 4 KiB pages at first touch: for a
-// 64 MiB LayerNorm output, 16384 faults, which took 2-4x the kernel's own time on the 2-core
-// machine (benchmarks/NOTES.md, 2026-12-02). On 2 MiB-aligned memory advised MADV_HUGEPAGE
-// (honoured where THP is "madvise" or "always", the usual Linux settings) the same output takes
-// 32 faults. Smaller blocks come from glibc's heap, already mapped, and stay with ATen's
-// allocator. PyTorch does the same for all of its allocations under THP_MEM_ALLOC_ENABLE=1;
-// this applies it to fuseformer's outputs only, without an environment variable.
+// A large CPU block from glibc costs page faults and the kernel's zeroing of every page, often
+// at every call: blocks of 32 MiB or more (its largest mmap threshold) are a fresh mmap,
+// unmapped on free (a 64 MiB LayerNorm output: 16384 faults, 2-4x the kernel's own time on
+// the 2-core machines), and smaller ones are handed back to the system whenever they lie at
+// the top of the heap past its trim threshold, which depends on what was freed before
+// (add_rms_norm 4096x1024 forward: 8160 faults and 8.5 ms a call in one process, none and
+// 1.7 ms in the next; benchmarks/NOTES.md, 2026-12-02). So blocks of kCachedMinBytes or more
+// are kept when freed, up to a budget (FUSEFORMER_CPU_CACHE_MIB, default kDefaultBudgetMiB;
+// 0 turns the cache off), and the next output of the same size class takes one back: no
+// fault, no zeroing. Blocks of 32 MiB or more are 2 MiB-aligned and advised MADV_HUGEPAGE
+// (honoured where THP is "madvise" or "always", the usual Linux settings): 32 faults for a
+// 64 MiB block the first time. The cache is fuseformer's outputs only (ATen's and oneDNN's
+// stay with glibc); fuseformer.empty_cpu_cache() returns its blocks to the system.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/native/TensorFactories.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace fuseformer {
 
-class HugePageAllocator final : public c10::Allocator {
+class OutputAllocator final : public c10::Allocator {
  public:
+  static constexpr size_t kCachedMinBytes = size_t{1} << 20;
+  static constexpr size_t kHugeMinBytes = size_t{32} << 20;
   static constexpr size_t kHugePage = size_t{2} << 20;
-  static constexpr size_t kMinBytes = size_t{32} << 20;
+  static constexpr size_t kDefaultBudgetMiB = 512;
 
-  // Blocks under kMinBytes (a resize_ can ask for any size) go to ATen's CPU allocator.
+  // Blocks under kCachedMinBytes (a resize_ can ask for any size) go to ATen's CPU allocator.
   c10::DataPtr allocate(size_t nbytes) override {
-    // Rounded up so that the last huge page lies inside the block that madvise names.
-    const size_t bytes = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = nullptr;
-    if (nbytes < kMinBytes || posix_memalign(&data, kHugePage, bytes) != 0) {
-      return c10::GetCPUAllocator()->allocate(nbytes);
-    }
-#if defined(__linux__)
-    madvise(data, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
-#endif
-    // The context is the data pointer (a "simple" DataPtr, as ATen's own), freed by free().
-    return {data, data, &std::free, c10::Device(c10::DeviceType::CPU)};
+    if (nbytes < kCachedMinBytes) return c10::GetCPUAllocator()->allocate(nbytes);
+    const size_t bytes = size_class(nbytes);
+    void* data = take(bytes);
+    if (data == nullptr) data = map(bytes);
+    if (data == nullptr) return c10::GetCPUAllocator()->allocate(nbytes);
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return &std::free; }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
 
-  static HugePageAllocator* get() {
-    static HugePageAllocator allocator;
-    return &allocator;
+  // Frees every cached block (fuseformer.empty_cpu_cache()); returns the bytes freed.
+  size_t empty_cache() {
+    std::vector<void*> blocks;
+    size_t freed = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const Cached& c : cached_) blocks.push_back(c.data), freed += c.bytes;
+      cached_.clear();
+      cached_bytes_ = 0;
+    }
+    for (void* data : blocks) std::free(data);
+    return freed;
   }
+
+  // The bytes the cache holds now.
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_bytes_;
+  }
+
+  // Never destroyed: tensors may be freed after static destructors have run (at exit).
+  static OutputAllocator* get() {
+    static OutputAllocator* allocator = new OutputAllocator();
+    return allocator;
+  }
+
+ private:
+  struct Cached {
+    void* data;
+    size_t bytes;
+  };
+
+  OutputAllocator() : budget_(read_budget()) {}
+
+  static size_t read_budget() {
+    const char* env = std::getenv("FUSEFORMER_CPU_CACHE_MIB");
+    if (env == nullptr || *env == '\0') return kDefaultBudgetMiB << 20;
+    char* end = nullptr;
+    const long long mib = std::strtoll(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && mib >= 0, "FUSEFORMER_CPU_CACHE_MIB must be a whole number of MiB (0: no cache), got '",
+                env, "'");
+    return static_cast<size_t>(mib) << 20;
+  }
+
+  // Size classes: 2 MiB steps for huge-page blocks, 64 KiB below, so that outputs of nearly
+  // the same size (a batch's last, shorter step) share blocks.
+  static size_t size_class(size_t nbytes) {
+    const size_t step = nbytes >= kHugeMinBytes ? kHugePage : size_t{64} << 10;
+    return (nbytes + step - 1) / step * step;
+  }
+
+  void* map(size_t bytes) {
+    void* data = nullptr;
+    const size_t alignment = bytes >= kHugeMinBytes ? kHugePage : 64;
+    if (posix_memalign(&data, alignment, bytes) != 0) return nullptr;
+#if defined(__linux__)
+    if (bytes >= kHugeMinBytes) madvise(data, bytes, MADV_HUGEPAGE);  // advice only
+#endif
+    std::lock_guard<std::mutex> lock(mutex_);
+    sizes_[data] = bytes;
+    return data;
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = cached_.rbegin(); it != cached_.rend(); ++it) {  // the most recently freed first
+      if (it->bytes == bytes) {
+        void* data = it->data;
+        cached_.erase(std::next(it).base());
+        cached_bytes_ -= bytes;
+        return data;
+      }
+    }
+    return nullptr;
+  }
+
+  // A freed block joins the cache; the oldest cached blocks leave it (freed) to keep the
+  // budget. A block larger than the budget is freed at once.
+  static void release(void* data) {
+    OutputAllocator& self = *get();
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(self.mutex_);
+      const size_t bytes = self.sizes_.at(data);
+      if (bytes > self.budget_) {
+        self.sizes_.erase(data);
+        evicted.push_back(data);
+      } else {
+        size_t drop = 0;
+        while (self.cached_bytes_ + bytes > self.budget_) {
+          const Cached& oldest = self.cached_[drop++];
+          self.cached_bytes_ -= oldest.bytes;
+          self.sizes_.erase(oldest.data);
+          evicted.push_back(oldest.data);
+        }
+        self.cached_.erase(self.cached_.begin(), self.cached_.begin() + drop);
+        self.cached_.push_back({data, bytes});
+        self.cached_bytes_ += bytes;
+      }
+    }
+    for (void* block : evicted) std::free(block);
+  }
+
+  const size_t budget_;
+  std::mutex mutex_;
+  std::vector<Cached> cached_;                 // freed blocks, oldest first
+  size_t cached_bytes_ = 0;
+  std::unordered_map<void*, size_t> sizes_;    // every block this allocator made, cached or live
 };
 
-// at::empty for a kernel's output: large CPU outputs on huge pages, anything else at::empty.
+// at::empty for a kernel's output: large CPU outputs from OutputAllocator, anything else at::empty.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                                c10::MemoryFormat memory_format = c10::MemoryFormat::Contiguous) {
 #if defined(__linux__)
   if (options.device().is_cpu() && !options.pinned_memory()) {
-    return at::detail::empty_generic(sizes, HugePageAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     options.dtype().toScalarType(), memory_format);
+    at::Tensor out = at::detail::empty_generic(sizes, OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                               options.dtype().toScalarType(), memory_format);
+    // As at::empty does: under torch.utils.deterministic.fill_uninitialized_memory (the tests'
+    // poison_outputs), uninitialized outputs are NaN, so an element a kernel forgot to write
+    // shows, even in a reused block that holds the previous call's right answer.
+    if (C10_UNLIKELY(at::globalContext().deterministicAlgorithms() &&
+                     at::globalContext().deterministicFillUninitializedMemory())) {
+      at::native::fill_empty_deterministic_(out);
+    }
+    return out;
   }
 #endif
   return at::empty(sizes, options.memory_format(memory_format));

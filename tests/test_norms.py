@@ -4,6 +4,8 @@ forward and backward, on awkward shapes and dtypes; modules, compile, AMP; bad i
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -173,6 +175,53 @@ def test_large_cpu_outputs_on_huge_pages():
     out = out.detach()
     out.resize_(out.shape[0] + 7, out.shape[1])
     assert torch.equal(out[: kept.shape[0]], kept)
+
+
+@pytest.mark.skipif("cpu" not in fuseformer.available_backends("cpu"), reason="needs the C++ CPU kernels")
+def test_cpu_output_blocks_are_reused_and_rewritten():
+    # Outputs of 1 MiB or more come from csrc/allocate.h's cache: a freed block is the next
+    # same-sized output's, and the kernel writes all of it (checked on fresh inputs against
+    # float64; the block held the previous call's answer, so a skipped element would show).
+    fuseformer.empty_cpu_cache()
+    shape, weight, bias = (2048, 1024), torch.randn(1024), torch.randn(1024)  # 8 MiB outputs
+    with fuseformer.use_backend("cpu"):
+        first = fuseformer.ops.layer_norm(torch.randn(shape), shape[-1:], weight, bias)
+        block = first.data_ptr()
+        del first
+        assert fuseformer.cpu_cache_bytes() >= 8 << 20
+        x = torch.randn(shape) * 3 + 1
+        out = fuseformer.ops.layer_norm(x, shape[-1:], weight, bias)
+    assert out.data_ptr() == block
+    assert fuseformer.cpu_cache_bytes() == 0
+    ref64 = F.layer_norm(x.double(), shape[-1:], weight.double(), bias.double())
+    assert_matches_reference("layer_norm", out, ref64, F.layer_norm(x, shape[-1:], weight, bias))
+    del out
+    assert fuseformer.empty_cpu_cache() >= 8 << 20
+    assert fuseformer.cpu_cache_bytes() == 0
+
+
+@pytest.mark.skipif("cpu" not in fuseformer.available_backends("cpu"), reason="needs the C++ CPU kernels")
+def test_cpu_output_cache_keeps_to_its_budget():
+    code = """
+import torch, fuseformer
+def output(rows):  # rows x 1024 float32: rows * 4 KiB
+    with fuseformer.use_backend("cpu"):
+        return fuseformer.ops.rms_norm(torch.randn(rows, 1024), (1024,))
+del_big = output(2048); del del_big          # 8 MiB: past the 4 MiB budget, freed at once
+assert fuseformer.cpu_cache_bytes() == 0, fuseformer.cpu_cache_bytes()
+a, b = output(768), output(640)               # 3 MiB and 2.5 MiB
+del a, b                                      # the older leaves to keep 4 MiB
+assert fuseformer.cpu_cache_bytes() == 640 * 4096, fuseformer.cpu_cache_bytes()
+print("ok")
+"""
+    env = dict(os.environ, FUSEFORMER_CPU_CACHE_MIB="4")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    bad = subprocess.run([sys.executable, "-c", "import fuseformer; fuseformer.cpu_cache_bytes()"],
+                         env=dict(os.environ, FUSEFORMER_CPU_CACHE_MIB="lots"), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0
+    assert "ValueError: FUSEFORMER_CPU_CACHE_MIB must be a whole number of MiB (0: no cache), got 'lots'" in bad.stderr
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

@@ -10,6 +10,7 @@
 
 from fuseformer import backends, nn, ops
 from fuseformer import models  # after nn and ops, which the models use
+from fuseformer._extension import cpu_cache_bytes, empty_cpu_cache
 from fuseformer._info import info
 from fuseformer.accelerate import AccelerateReport, accelerate
 from fuseformer.backends import BackendUnavailableError, available_backends, use_backend
@@ -23,6 +24,8 @@ __all__ = [
     "accelerate",
     "available_backends",
     "backends",
+    "cpu_cache_bytes",
+    "empty_cpu_cache",
     "info",
     "models",
     "nn",

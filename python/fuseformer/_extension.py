@@ -28,3 +28,16 @@ def vendor_cpu_gemm_library() -> str:
     "aten" (MKL, on Intel CPUs) or "onednn"; the extension's own answer (csrc/cpu/gemm.h), so
     the Python dispatch and the kernels agree. "onednn" without the extension (no kernels)."""
     return _C.vendor_cpu_gemm_library() if loaded() else "onednn"
+
+
+def empty_cpu_cache() -> int:
+    """Frees the blocks the C++ CPU kernels keep for their large outputs (csrc/allocate.h:
+    outputs of 1 MiB or more, freed blocks kept up to FUSEFORMER_CPU_CACHE_MIB, default 512,
+    so that the next output of that size needs no fresh pages) and returns the bytes freed;
+    as torch.cuda.empty_cache() does for PyTorch's CUDA cache."""
+    return _C.empty_cpu_cache() if loaded() else 0
+
+
+def cpu_cache_bytes() -> int:
+    """The bytes that cache holds now (freed outputs kept for reuse)."""
+    return _C.cpu_cache_bytes() if loaded() else 0
