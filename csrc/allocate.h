@@ -140,9 +140,12 @@ class OutputAllocator final : public c10::Allocator {
     std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
-      const size_t bytes = self.sizes_.at(data);
-      if (bytes > self.budget_) {
-        self.sizes_.erase(data);
+      const auto known = self.sizes_.find(data);
+      // Not one of ours: raw_allocate's blocks under kCachedMinBytes come from ATen's CPU
+      // allocator, whose memory free() releases.
+      const size_t bytes = known == self.sizes_.end() ? 0 : known->second;
+      if (bytes == 0 || bytes > self.budget_) {
+        if (bytes != 0) self.sizes_.erase(known);
         evicted.push_back(data);
       } else {
         size_t drop = 0;

@@ -29,12 +29,11 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # CUDA (benchmarks/results/NVIDIA-H100-80GB-HBM3/norms.md): Triton forward reaches
     # 95-99% of copy bandwidth from N=4096 (1.2-1.6x eager); small rows and forward+backward
     # are host-overhead bound for now (benchmarks/NOTES.md), the C++ CUDA kernels next.
-    # CPU (benchmarks/results/cpu/norms.md): the C++ RMSNorm is 1.4-16x eager forward and
-    # 4.2-47x forward+backward; the C++ LayerNorm at 4096x4096 4.2-4.8x forward and 3.2-3.6x
-    # forward+backward (outputs on huge pages, csrc/allocate.h), at 4096x1024 0.92-1.08x
-    # forward and 0.93-1.07x forward+backward over runs (noise: 400 alternating pairs in one
-    # process gave equal medians, benchmarks/NOTES.md 2026-12-02), so both take the kernels;
-    # LayerNorm calls under CPU_LAYER_NORM_MIN_ELEMENTS stay on eager (ops/norms.py).
+    # CPU (benchmarks/results/cpu/norms.md, AMD EPYC): the C++ kernels are 1.2-20x eager
+    # forward and 1.1-21x forward+backward (outputs from a block cache, csrc/allocate.h); the
+    # closest, LayerNorm 4096x1024, 1.0-1.2x forward and 1.0-1.1x forward+backward over runs,
+    # both sides near the copy rate, so both take the kernels; LayerNorm calls under
+    # CPU_LAYER_NORM_MIN_ELEMENTS stay on eager (ops/norms.py).
     "layer_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     "rms_norm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     # Attention (dense and packed): the Triton flash kernels on CUDA (not yet measured on a
