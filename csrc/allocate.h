@@ -71,6 +71,9 @@ class OutputAllocator final : public c10::Allocator {
     return freed;
   }
 
+  // The most bytes the cache holds (FUSEFORMER_CPU_CACHE_MIB).
+  size_t budget() const { return budget_; }
+
   // The bytes the cache holds now.
   size_t cached_bytes() {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -37,6 +37,10 @@ PyObject* cpu_cache_bytes(PyObject* /*module*/, PyObject* /*args*/) {
   return as_python([] { return fuseformer::OutputAllocator::get()->cached_bytes(); });
 }
 
+PyObject* cpu_cache_budget(PyObject* /*module*/, PyObject* /*args*/) {
+  return as_python([] { return fuseformer::OutputAllocator::get()->budget(); });
+}
+
 PyObject* empty_cpu_cache(PyObject* /*module*/, PyObject* /*args*/) {
   return as_python([] { return fuseformer::OutputAllocator::get()->empty_cache(); });
 }
@@ -45,6 +49,7 @@ PyMethodDef methods[] = {
     {"vendor_cpu_gemm_library", vendor_cpu_gemm_library, METH_NOARGS,
      "Where this CPU's per-call float32 GEMMs run without FUSEFORMER_CPU_GEMM: 'aten' or 'onednn'."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "Bytes held by the CPU output block cache."},
+    {"cpu_cache_budget", cpu_cache_budget, METH_NOARGS, "The most bytes the CPU output block cache holds."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU output block cache; returns the bytes freed."},
     {nullptr, nullptr, 0, nullptr}};
 

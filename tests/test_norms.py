@@ -212,6 +212,7 @@ assert fuseformer.cpu_cache_bytes() == 0, fuseformer.cpu_cache_bytes()
 a, b = output(768), output(640)               # 3 MiB and 2.5 MiB
 del a, b                                      # the older leaves to keep 4 MiB
 assert fuseformer.cpu_cache_bytes() == 640 * 4096, fuseformer.cpu_cache_bytes()
+assert fuseformer.info(print_out=False)["cpu_output_cache"] == "2.5 MiB held of 4 MiB"
 print("ok")
 """
     env = dict(os.environ, FUSEFORMER_CPU_CACHE_MIB="4")
@@ -222,6 +223,11 @@ print("ok")
                          timeout=300)
     assert bad.returncode != 0
     assert "ValueError: FUSEFORMER_CPU_CACHE_MIB must be a whole number of MiB (0: no cache), got 'lots'" in bad.stderr
+    shown = subprocess.run([sys.executable, "-c", "import fuseformer; print(fuseformer.info(print_out=False)"
+                            "['cpu_output_cache'])"], env=dict(os.environ, FUSEFORMER_CPU_CACHE_MIB="lots"),
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert shown.stdout.startswith("error: FUSEFORMER_CPU_CACHE_MIB must be a whole number of MiB"), shown.stdout
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)

@@ -41,3 +41,8 @@ def empty_cpu_cache() -> int:
 def cpu_cache_bytes() -> int:
     """The bytes that cache holds now (freed outputs kept for reuse)."""
     return _C.cpu_cache_bytes() if loaded() else 0
+
+
+def cpu_cache_budget() -> int:
+    """The most bytes that cache holds (FUSEFORMER_CPU_CACHE_MIB, in bytes; 0: off)."""
+    return _C.cpu_cache_budget() if loaded() else 0

@@ -31,6 +31,7 @@ def collect() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_gemm_library": backends.cpu_gemm_library(),
+        "cpu_output_cache": _cpu_output_cache(),
         "extension": "loaded" if _extension.loaded() else f"not loaded: {_extension.LOAD_ERROR}",
         "extension_cuda_kernels": _extension.has_kernel("norm_fwd", "CUDA"),
         "backends": {
@@ -43,6 +44,17 @@ def collect() -> dict[str, Any]:
     }
 
 
+def _cpu_output_cache() -> str:
+    """The C++ kernels' block cache for large CPU outputs (csrc/allocate.h): held / budget."""
+    if not _extension.loaded():
+        return "none (no extension)"
+    try:
+        budget, held = _extension.cpu_cache_budget(), _extension.cpu_cache_bytes()
+    except ValueError as exc:  # a bad FUSEFORMER_CPU_CACHE_MIB: shown, not raised
+        return f"error: {exc}"
+    return f"{held / 2**20:.1f} MiB held of {budget >> 20} MiB" if budget else "off (FUSEFORMER_CPU_CACHE_MIB=0)"
+
+
 def info(print_out: bool = True) -> dict[str, Any]:
     """Print (and return) versions, the device, available backends and default backends."""
     facts = collect()
@@ -53,7 +65,7 @@ def info(print_out: bool = True) -> dict[str, Any]:
         console = Console()
         versions = Table(title="fuseformer", show_header=False)
         for key in ("fuseformer", "python", "torch", "torch_cuda", "triton", "triton_interpret",
-                    "gpu", "cpu", "cpu_threads", "cpu_gemm_library", "extension", "extension_cuda_kernels", "forced_backend"):
+                    "gpu", "cpu", "cpu_threads", "cpu_gemm_library", "cpu_output_cache", "extension", "extension_cuda_kernels", "forced_backend"):
             versions.add_row(key, str(facts[key]))
         console.print(versions)
         table = Table(title="backends")
