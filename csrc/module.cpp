@@ -18,8 +18,8 @@ PyObject* vendor_cpu_gemm_library(PyObject* /*module*/, PyObject* /*args*/) {
   return PyUnicode_FromString(aten ? "aten" : "onednn");
 }
 
-// The bytes csrc/allocate.h's output cache holds, and emptying it (returns the bytes freed).
-// A C++ exception (a bad FUSEFORMER_CPU_CACHE_MIB) becomes a Python ValueError.
+// A size from C++ as a Python int; a C++ exception (a bad FUSEFORMER_CPU_CACHE_MIB) becomes a
+// Python ValueError.
 template <typename F>
 PyObject* as_python(F f) {
   try {
@@ -33,6 +33,8 @@ PyObject* as_python(F f) {
   }
 }
 
+// csrc/allocate.h's output cache: the bytes it holds, its budget, and emptying it (returns
+// the bytes freed).
 PyObject* cpu_cache_bytes(PyObject* /*module*/, PyObject* /*args*/) {
   return as_python([] { return fuseformer::OutputAllocator::get()->cached_bytes(); });
 }

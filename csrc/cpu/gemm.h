@@ -14,6 +14,7 @@
 
 #include <optional>
 
+#include "vectorize.h"
 #include "weight_cache.h"
 
 namespace fuseformer::cpu {
@@ -22,7 +23,6 @@ namespace fuseformer::cpu {
 // column stride (csrc/cpu/gemv.cpp, AVX-512); nullopt where it does not apply (no AVX-512,
 // other dtypes or layouts), for the caller's fallback. For op kernels (no autograd record).
 constexpr int64_t kSmallRowsMax = 7;
-bool has_avx512();  // this CPU runs AVX-512F (checked once)
 
 // The library for the float32 GEMMs whose operands are made per call (attention's tiles,
 // weight gradients), where oneDNN and ATen's BLAS both apply. MKL, the BLAS of the x86 torch

@@ -8,8 +8,8 @@
 #define FF_VECTORIZE
 #endif
 
+// What this CPU is, checked once (csrc/cpu/gemv.cpp; false off x86).
 namespace fuseformer::cpu {
-// The CPU's vendor is Intel (cpuid, read once; false off x86): memory-side choices that
-// measured opposite on Intel Xeon and AMD EPYC follow it (csrc/cpu/gemv.cpp).
-bool cpu_is_intel();
+bool has_avx512();    // runs AVX-512F: the hand-written AVX-512 loops apply
+bool cpu_is_intel();  // cpuid says GenuineIntel: choices measured opposite on Intel Xeon and AMD EPYC follow it
 }  // namespace fuseformer::cpu
