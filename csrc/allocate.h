@@ -48,6 +48,7 @@ class OutputAllocator final : public c10::Allocator {
     void* data = take(bytes);
     if (data == nullptr) data = map(bytes);
     if (data == nullptr) return c10::GetCPUAllocator()->allocate(nbytes);
+    report(data, static_cast<int64_t>(bytes));
     return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -136,17 +137,31 @@ class OutputAllocator final : public c10::Allocator {
     return nullptr;
   }
 
+  // torch.profiler(profile_memory=True) sees our blocks as it sees ATen's: a live block
+  // counts as allocated, a cached one as reserved. A thread-local check when no profiler runs.
+  void report(void* data, int64_t delta) {
+    size_t live, cached;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_bytes_ += delta;
+      live = live_bytes_;
+      cached = cached_bytes_;
+    }
+    c10::reportMemoryUsageToProfiler(data, delta, live, live + cached, c10::Device(c10::DeviceType::CPU));
+  }
+
   // A freed block joins the cache; the oldest cached blocks leave it (freed) to keep the
   // budget. A block larger than the budget is freed at once.
   static void release(void* data) {
     OutputAllocator& self = *get();
     std::vector<void*> evicted;
+    size_t bytes = 0;
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
       const auto known = self.sizes_.find(data);
       // Not one of ours: raw_allocate's blocks under kCachedMinBytes come from ATen's CPU
       // allocator, whose memory free() releases.
-      const size_t bytes = known == self.sizes_.end() ? 0 : known->second;
+      bytes = known == self.sizes_.end() ? 0 : known->second;
       if (bytes == 0 || bytes > self.budget_) {
         if (bytes != 0) self.sizes_.erase(known);
         evicted.push_back(data);
@@ -164,12 +179,14 @@ class OutputAllocator final : public c10::Allocator {
       }
     }
     for (void* block : evicted) std::free(block);
+    if (bytes != 0) self.report(data, -static_cast<int64_t>(bytes));
   }
 
   const size_t budget_;
   std::mutex mutex_;
   std::vector<Cached> cached_;                 // freed blocks, oldest first
   size_t cached_bytes_ = 0;
+  size_t live_bytes_ = 0;                      // handed out and not yet freed
   std::unordered_map<void*, size_t> sizes_;    // every block this allocator made, cached or live
 };
 

@@ -230,6 +230,24 @@ print("ok")
     assert shown.stdout.startswith("error: FUSEFORMER_CPU_CACHE_MIB must be a whole number of MiB"), shown.stdout
 
 
+@pytest.mark.skipif("cpu" not in fuseformer.available_backends("cpu"), reason="needs the C++ CPU kernels")
+def test_profiler_sees_cpu_output_blocks():
+    # torch.profiler(profile_memory=True) charges a cached-allocator block to the op that took
+    # it and shows its free, whether the block was freshly mapped or taken back from the cache.
+    from torch.profiler import profile
+
+    x = torch.randn(1536, 1024)  # a 6 MiB output
+    nbytes = x.numel() * 4
+    for attempt in ("fresh", "cached"):
+        with fuseformer.use_backend("cpu"), profile(profile_memory=True) as prof:
+            out = fuseformer.ops.rms_norm(x, (1024,))
+            del out
+        events = {e.key: e for e in prof.key_averages()}
+        op = events["fuseformer::norm_fwd"]
+        assert op.self_cpu_memory_usage >= nbytes, (attempt, op.self_cpu_memory_usage)
+        freed = sum(e.self_cpu_memory_usage for e in prof.key_averages())
+        assert abs(freed) < nbytes, (attempt, freed)  # what was charged was also given back
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_past_the_size_limit_is_a_clear_error(backend, device):
     x = torch.randn(1, norm_ops.MAX_NORMALIZED_SIZE + 1, device=device)
