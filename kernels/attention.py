@@ -155,6 +155,22 @@ def _query_range(n_start, seqlen_q, seqlen_k, offset, window_left, window_right,
 
 
 @triton.jit
+def _range_part(PART: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Part PART of a range from _key_range / _query_range, the order a program walks them:
+    0 the interior tiles [full_lo, full_hi) (no bounds checks), 1 and 2 the edge tiles
+    [lo, full_lo) and [full_hi, hi). Callers unroll over PART with tl.static_range(3)."""
+    start = full_lo
+    end = full_hi
+    if PART == 1:
+        start = lo
+        end = full_lo
+    if PART == 2:
+        start = full_hi
+        end = hi
+    return start, end
+
+
+@triton.jit
 def _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """(first row of the batch's queries, its query length, first key row, its key length)."""
     # Tensors, not Python ints: callers take .to(tl.int64) of them.
@@ -166,6 +182,27 @@ def _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         k_row0 = tl.load(CU_K + b)
         seqlen_k = tl.load(CU_K + b + 1) - k_row0
     return q_row0, seqlen_q, k_row0, seqlen_k
+
+
+@triton.jit
+def _query_tile(CU_Q, CU_K, H, GROUPS, seqlen_q, seqlen_k, IS_LOWER_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+                LIMIT_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a query-tile program (forward, dQ) stands: (b, h, kv head, q_row0, seqlen_q,
+    k_row0, seqlen_k, m_start, offset of the causal diagonal). The caller returns when
+    m_start >= seqlen_q (a varlen batch shorter than the grid)."""
+    m_block = tl.program_id(0)
+    if LIMIT_RIGHT:
+        # Causal: the last query tiles see the most keys; launch them first, so the
+        # short ones fill the tail of the grid.
+        m_block = tl.num_programs(0) - 1 - m_block
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN)
+    offset = 0
+    if IS_LOWER_RIGHT:
+        offset = seqlen_k - seqlen_q
+    return b, h, h // GROUPS, q_row0, seqlen_q, k_row0, seqlen_k, m_block * BLOCK_M, offset
 
 
 @triton.jit
@@ -252,22 +289,11 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    if LIMIT_RIGHT:
-        # Causal: the last query tiles see the most keys; launch them first, so the
-        # short ones fill the tail of the grid.
-        m_block = tl.num_programs(0) - 1 - m_block
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN)
-    m_start = m_block * BLOCK_M
+    b, h, kvh, q_row0, seqlen_q, k_row0, seqlen_k, m_start, offset = _query_tile(
+        CU_Q, CU_K, H, GROUPS, seqlen_q, seqlen_k, IS_LOWER_RIGHT, VARLEN, LIMIT_RIGHT, BLOCK_M)
     if m_start >= seqlen_q:
         return
-    offset = 0
-    if IS_LOWER_RIGHT:
-        offset = seqlen_k - seqlen_q
-    kvh = h // GROUPS
+    bh = tl.program_id(1)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -287,21 +313,13 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m_start, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
     # Interior tiles first (no bounds checks), then the edge tiles on either side.
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, q, k_base, v_base, full_lo, full_hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
-        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
-        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False,
-    )
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, q, k_base, v_base, lo, full_lo, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
-        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
-        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
-    )
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, q, k_base, v_base, full_hi, hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
-        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
-        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
-    )
+    for part in tl.static_range(3):
+        start, end = _range_part(part, lo, full_lo, full_hi, hi)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, q, k_base, v_base, start, end, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+            scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, part != 0,
+        )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -474,27 +492,15 @@ def _attn_bwd_dkdv(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * ss_b + h).to(tl.float32)
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, cols, n_ok, full_lo, full_hi,
-            Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
-            sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
-            scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
-            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, False,
-        )
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, cols, n_ok, lo, full_lo,
-            Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
-            sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
-            scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
-            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, True,
-        )
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, cols, n_ok, full_hi, hi,
-            Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
-            sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
-            scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
-            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, True,
-        )
+        for part in tl.static_range(3):
+            start, end = _range_part(part, lo, full_lo, full_hi, hi)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, cols, n_ok, start, end,
+                Q, DO, LSE, DELTA, MASK, b, h, bh, q_row0, offset, seqlen_q, seqlen_k, offs_d, d_ok,
+                sq_b, sq_h, sq_s, sdo_b, sdo_h, sdo_s, sl_b, sl_h, sm_b, sm_h, sm_s, sm_l,
+                scale, softcap, slope, window_left, window_right, seed, rows_per_head, cols_per_row, dropout_p,
+                HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, part != 0,
+            )
 
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * sdk_b + kvh * sdk_h + (k_row0 + cols[:, None]).to(tl.int64) * sdk_s + offs_d[None, :], to_output(dk, DK.dtype.element_ty, SOFTWARE_BF16), mask=kv_ok)
@@ -559,22 +565,11 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    if LIMIT_RIGHT:
-        # Causal: the last query tiles see the most keys; launch them first, so the
-        # short ones fill the tail of the grid.
-        m_block = tl.num_programs(0) - 1 - m_block
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_row0, seqlen_q, k_row0, seqlen_k = _seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, VARLEN)
-    m_start = m_block * BLOCK_M
+    b, h, kvh, q_row0, seqlen_q, k_row0, seqlen_k, m_start, offset = _query_tile(
+        CU_Q, CU_K, H, GROUPS, seqlen_q, seqlen_k, IS_LOWER_RIGHT, VARLEN, LIMIT_RIGHT, BLOCK_M)
     if m_start >= seqlen_q:
         return
-    offset = 0
-    if IS_LOWER_RIGHT:
-        offset = seqlen_k - seqlen_q
-    kvh = h // GROUPS
+    bh = tl.program_id(1)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -594,21 +589,13 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     pos_q = offs_m + offset
     lo, full_lo, full_hi, hi = _key_range(m_start, seqlen_k, offset, window_left, window_right, BLOCK_M, BLOCK_N, LIMIT_LEFT, LIMIT_RIGHT)
-    dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, full_lo, full_hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
-        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
-        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, False,
-    )
-    dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, lo, full_lo, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
-        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
-        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
-    )
-    dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, full_hi, hi, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
-        scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
-        HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, True,
-    )
+    for part in tl.static_range(3):
+        start, end = _range_part(part, lo, full_lo, full_hi, hi)
+        dq = _dq_tiles(
+            dq, q, do, lse, delta, k_base, v_base, start, end, offs_m, m_ok, pos_q, offs_d, d_ok, seqlen_k, sk_s, sv_s,
+            scale, softcap, slope, mask_base, sm_l, window_left, window_right, seed, bh, rows_per_head, cols_per_row, dropout_p,
+            HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, LIMIT_LEFT, LIMIT_RIGHT, HAS_DROPOUT, DOT_PRECISION, BLOCK_N, part != 0,
+        )
 
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * sdq_b + h * sdq_h + (q_row0 + offs_m[:, None]).to(tl.int64) * sdq_s + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, SOFTWARE_BF16), mask=q_ok)
