@@ -29,6 +29,30 @@ CHUNK = 4096
 
 
 @triton.jit
+def _row_input(X, RES, RES_OUT, cols, mask, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr,
+               SOFTWARE_BF16: tl.constexpr):
+    """The row's values at cols in float32: x, or x + residual rounded to the input dtype (the
+    value normalized is the sum as x + residual would make it), stored to RES_OUT if STORE_SUM."""
+    x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32)
+        s = to_output(x + r, RES_OUT.dtype.element_ty, SOFTWARE_BF16)
+        if STORE_SUM:
+            tl.store(RES_OUT + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _affine(y, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X,  # (M, N) input, contiguous
     RES,  # (M, N) residual or a dummy pointer
@@ -59,24 +83,14 @@ def _norm_fwd_kernel(
     if SINGLE_TILE:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r = tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32)
-            # The value normalized is the sum rounded to the input dtype, as in x + residual.
-            s = to_output(x + r, RES_OUT.dtype.element_ty, SOFTWARE_BF16)
-            tl.store(RES_OUT + cols, s, mask=mask)
-            x = s.to(tl.float32)
+        x = _row_input(X, RES, RES_OUT, cols, mask, HAS_RES, True, SOFTWARE_BF16)
         if IS_RMS:
             xc = x
         else:
             mean = tl.fdiv(tl.sum(x, axis=0), n_float, ieee_rounding=True)
             xc = tl.where(mask, x - mean, 0.0)
         rstd = tl.math.rsqrt(tl.fdiv(tl.sum(xc * xc, axis=0), n_float, ieee_rounding=True) + eps)
-        y = xc * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _affine(xc * rstd, W, B, cols, mask, HAS_W, HAS_B)
         tl.store(Y + cols, to_output(y, Y.dtype.element_ty, SOFTWARE_BF16), mask=mask)
     else:
         # Pass 1: the mean (and the residual sum, stored once).
@@ -84,13 +98,7 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                r = tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32)
-                s = to_output(x + r, RES_OUT.dtype.element_ty, SOFTWARE_BF16)
-                tl.store(RES_OUT + cols, s, mask=mask)
-                x = s.to(tl.float32)
-            acc += x
+            acc += _row_input(X, RES, RES_OUT, cols, mask, HAS_RES, True, SOFTWARE_BF16)
         if IS_RMS:
             mean = 0.0
         else:
@@ -101,10 +109,7 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                r = tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32)
-                x = to_output(x + r, RES_OUT.dtype.element_ty, SOFTWARE_BF16).to(tl.float32)
+            x = _row_input(X, RES, RES_OUT, cols, mask, HAS_RES, False, SOFTWARE_BF16)
             xc = tl.where(mask, x - mean, 0.0)
             acc += xc * xc
         rstd = tl.math.rsqrt(tl.fdiv(tl.sum(acc, axis=0), n_float, ieee_rounding=True) + eps)
@@ -112,15 +117,8 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
-            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                r = tl.load(RES + cols, mask=mask, other=0.0).to(tl.float32)
-                x = to_output(x + r, RES_OUT.dtype.element_ty, SOFTWARE_BF16).to(tl.float32)
-            y = (x - mean) * rstd
-            if HAS_W:
-                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_B:
-                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _row_input(X, RES, RES_OUT, cols, mask, HAS_RES, False, SOFTWARE_BF16)
+            y = _affine((x - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B)
             tl.store(Y + cols, to_output(y, Y.dtype.element_ty, SOFTWARE_BF16), mask=mask)
     if not IS_RMS:
         tl.store(MEAN + row, mean)
