@@ -88,6 +88,10 @@ def test_cli_bench_quick_writes_results_and_report(tmp_path):
     timed = [r for r in data["results"] if r["time_ms"] is not None]
     assert timed and all(r["time_ms"] > 0 for r in timed)
     assert data["ceilings"]["copy_GBps"] > 0 and data["ceilings"]["matmul_TFLOPs_by_dtype"]["float32"] > 0
+    # Peak memory on the CPU too: a forward holds at least its output (rows x cols float32).
+    for r in timed:
+        if r["direction"] == "fwd":
+            assert r["peak_MiB"] >= r["shape"][0] * r["shape"][1] * 4 / 2**20, r
     # A peer library that is not installed is named as missing, not dropped silently.
     assert "liger-kernel" in data["missing_baselines"]
     assert (out / "norms.md").read_text().startswith("# fuseformer norms")
@@ -110,6 +114,20 @@ def test_cli_bench_quick_writes_results_and_report(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "stale" not in text
     assert "| layer_norm fwd | 512x1024 | float32 |" in text
+
+
+def test_cpu_peak_memory_follows_allocations_and_frees():
+    from fuseformer.bench.harness import _peak_memory_mib
+
+    def step():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 8 MiB held
+        del a
+        c = torch.ones(3, 1024, 1024)  # 4 + 12 = 16 MiB held: the peak
+        return b.sum() + c.sum()
+
+    peak = _peak_memory_mib(step, "cpu")
+    assert 16 <= peak < 16.1, peak
 
 
 def test_cli_bench_terminated_writes_the_finished_cases(tmp_path, monkeypatch):

@@ -281,7 +281,12 @@ def _is_ceiling(impl: str) -> bool:
 
 
 def _peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
-    """Extra device memory one call allocates at its peak (CUDA only)."""
+    """Extra memory one call allocates at its peak. CUDA: the caching allocator's peak. CPU:
+    the running sum of torch.profiler's memory events (what PyTorch's CPU allocator and
+    fuseformer's output cache hand out; oneDNN's own scratch memory is not seen); None where
+    the profiler cannot say."""
+    if device == "cpu":
+        return _cpu_peak_memory_mib(fn)
     if device != "cuda":
         return None
     torch.cuda.synchronize()
@@ -290,6 +295,23 @@ def _peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _cpu_peak_memory_mib(fn: Callable[[], Any]) -> float | None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:  # the raw events: FunctionEvent folds allocations into the op that made them
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except AttributeError:
+        return None
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def allow_recompiles(limit: int = 256) -> None:
@@ -440,7 +462,9 @@ def markdown(rows: list[dict], env: dict, ceilings: dict, title: str) -> str:
         "backward 2.5x forward). 'vs X' is X's time divided by this row's time (above 1: faster than X); "
         "'vs best baseline' compares with the fastest non-fuseformer implementation of the row's case; "
         "'vs ceiling impl' with the case's 'ceiling:' implementation, which does less than the op "
-        "(e.g. the GEMM without the fused epilogue), so 1.00x means the fusion costs nothing.",
+        "(e.g. the GEMM without the fused epilogue), so 1.00x means the fusion costs nothing. "
+        "'peak MiB' is the most memory one call holds beyond what existed before it (CUDA: the caching "
+        "allocator's peak; CPU: torch.profiler's memory events, which oneDNN's own scratch memory is not in).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
