@@ -903,8 +903,8 @@ def attention_fwd(q, k, v, mask, slopes, seed, cu_q, cu_k, max_q, max_k, scale, 
     if pb.varlen:  # packed rows past the last offset belong to no sequence: zeros, lse -inf
         out = torch.zeros_like(q)
         lse = torch.full(pb.lse_shape(), float("-inf"), device=q.device, dtype=torch.float32)
-    else:
-        out = torch.empty_like(q)
+    else:  # (B, H, S, D) in (B, S, H, D) memory, as the C++ CPU op (ops/attention.py)
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
         lse = torch.empty(pb.lse_shape(), device=q.device, dtype=torch.float32)
     if out.numel() == 0 or pb.seqlen_q == 0:
         lse.fill_(float("-inf"))

@@ -256,7 +256,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const at::Tensor k = dense_heads(k_in), v = dense_heads(v_in);
   const Problem p = make_problem(q, k, mask, alibi_slopes, seqlens_k, scale, softcap, window_left, window_right,
                                  lower_right);
-  at::Tensor out = empty_output(q.sizes(), q.options());
+  // out (B, H, S, D) in (B, S, H, D) memory, as SDPA's flash kernels return it: the
+  // transpose(1, 2).contiguous() before the output projection is then free (no copy, and
+  // the tensor autograd keeps for the backward is the projection's input too).
+  at::Tensor out = empty_output({p.batch, p.seqlen_q, p.heads, p.head_dim}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({p.batch, p.heads, p.seqlen_q}, q.options());
   const int64_t block_m = p.opt.window_right >= 0 || p.opt.window_left >= 0 ? kBlockMMasked : kBlockMLarge;
   // Decode-like calls (a few queries, GQA): the queries of all heads that share a kv head
@@ -330,14 +333,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
         accumulated = true;
       }
       if (!accumulated) acc_tile.zero_();  // no visible key
-      float* out_b = out[b].data_ptr<float>();  // out is contiguous (H, S, D) per batch
+      float* out_b = out[b].data_ptr<float>();  // (S, H, D) in memory
       float* lse_b = lse[b].data_ptr<float>();
       const float* acc_ptr = acc_tile.data_ptr<float>();
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = h_of(r) * p.seqlen_q + i_of(r);
         const bool empty = row_l[r] == 0.0f;
         const float inv = empty ? 0.0f : 1.0f / row_l[r];
-        float* o_row = out_b + row * d;
+        float* o_row = out_b + (i_of(r) * p.heads + h_of(r)) * d;
         for (int64_t j = 0; j < d; ++j) o_row[j] = acc_ptr[r * d + j] * inv;
         lse_b[row] = empty ? kNegInf : row_m[r] + std::log(row_l[r]);
       }

@@ -139,7 +139,8 @@ def _lse_shape(q: Tensor, cu_seqlens_q: Tensor | None, max_seqlen_q: int) -> tup
 
 @torch.library.register_fake("fuseformer::triton_attention_fwd")
 def _(q, k, v, mask, alibi_slopes, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *_args):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q, max_seqlen_q), dtype=torch.float32)
+    out = torch.empty_like(q) if cu_seqlens_q is not None else _heads_interleaved(q)
+    return out, q.new_empty(_lse_shape(q, cu_seqlens_q, max_seqlen_q), dtype=torch.float32)
 
 
 @torch.library.register_fake("fuseformer::triton_attention_bwd")
@@ -179,8 +180,16 @@ torch.library.register_autograd(
 # ---- the C++ CPU backend (csrc/cpu/attention.cpp): float32 kernels ------------------------
 
 
+def _heads_interleaved(q: Tensor) -> Tensor:
+    """An empty (B, H, S, D) tensor in (B, S, H, D) memory: the forward kernels' output layout
+    (as SDPA's flash kernels), so that the transpose(1, 2).contiguous() before an output
+    projection is free."""
+    b, h, s, d = q.shape
+    return q.new_empty(b, s, h, d).transpose(1, 2)
+
+
 def _cpp_fwd_fake(q, k, v, mask, alibi_slopes, seqlens_k, *_args):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3])
+    return _heads_interleaved(q), q.new_empty(q.shape[:3])
 
 
 def _cpp_bwd_fake(grad_out, grad_lse, q, k, v, *_args):
