@@ -248,6 +248,20 @@ def test_profiler_sees_cpu_output_blocks():
         freed = sum(e.self_cpu_memory_usage for e in prof.key_averages())
         assert abs(freed) < nbytes, (attempt, freed)  # what was charged was also given back
 
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm"])
+def test_empty_normalized_dimension_as_pytorch(variant):
+    # F.layer_norm / F.rms_norm take a normalized size of 0 (an empty output); so does the
+    # default dispatch. A forced kernel backend says it needs rows of at least one element.
+    x = torch.randn(3, 0)
+    expected = getattr(F, variant)(x, (0,))
+    assert getattr(fuseformer.ops, variant)(x, (0,)).shape == expected.shape == (3, 0)
+    for backend, device in PAIRS:
+        if backend == "torch" or device != "cpu":
+            continue
+        with fuseformer.use_backend(backend), pytest.raises(ValueError, match="normalized size of at least 1"):
+            getattr(fuseformer.ops, variant)(x, (0,))
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_past_the_size_limit_is_a_clear_error(backend, device):
     x = torch.randn(1, norm_ops.MAX_NORMALIZED_SIZE + 1, device=device)

@@ -40,6 +40,8 @@ def same_device(t: torch.Tensor, name: str, ref: torch.Tensor, op: str, ref_name
 
 
 def shape_tuple(shape: int | Iterable[int] | torch.Size, name: str, op: str) -> tuple[int, ...]:
+    """A non-empty tuple of sizes, each >= 0 (PyTorch's norms take an empty normalized
+    dimension: the output is empty too)."""
     if type(shape) is tuple and all(type(s) is int and s > 0 for s in shape) and shape:
         return shape  # the common case, without building a new tuple
     if isinstance(shape, int):
@@ -48,8 +50,8 @@ def shape_tuple(shape: int | Iterable[int] | torch.Size, name: str, op: str) -> 
         result = tuple(int(s) for s in shape)
     except TypeError:
         raise TypeError(f"{op}: {name} must be an int or a sequence of ints, got {shape!r}") from None
-    if not result or any(s <= 0 for s in result):
-        raise ValueError(f"{op}: {name} must be a non-empty sequence of positive sizes, got {result}")
+    if not result or any(s < 0 for s in result):
+        raise ValueError(f"{op}: {name} must be a non-empty sequence of non-negative sizes, got {result}")
     return result
 
 

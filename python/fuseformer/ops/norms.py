@@ -260,10 +260,15 @@ def _run_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
                 'float64 (float64 runs on the "torch" backend)'
             )
         backend = "torch"
+    n = math.prod(normalized_shape)
+    if backend != "torch" and n == 0:  # an empty normalized dimension: an empty output
+        if backends.forced_backend() is not None:
+            raise ValueError(f"{op}: the {backend!r} backend takes a normalized size of at least 1, got "
+                             f"normalized_shape={list(normalized_shape)}")
+        backend = "torch"
     if backend == "torch":
         return _torch_norm(input, residual, normalized_shape, weight, bias, eps, rms)
 
-    n = math.prod(normalized_shape)
     if n > MAX_NORMALIZED_SIZE:
         raise ValueError(
             f"{op}: the {backend!r} backend takes a normalized size of at most "
