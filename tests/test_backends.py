@@ -116,6 +116,18 @@ def test_cli_bench_quick_writes_results_and_report(tmp_path):
     assert "| layer_norm fwd | 512x1024 | float32 |" in text
 
 
+def test_tests_past_the_deadline_are_skipped_with_a_summary():
+    # The GPU lease's time box (tests/conftest.py, benchmarks/gpu_suite.sh): tests that cannot
+    # start in time are skipped, and the run still ends with pytest's summary.
+    here = os.path.dirname(__file__)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.join(here, "test_backends.py"), "-q", "-rs", "-p", "no:cacheprovider",
+         "-k", "info_reports_versions"],
+        env=dict(os.environ, FUSEFORMER_TEST_DEADLINE="0"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 skipped" in proc.stdout and "no time left to start it" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_cpu_peak_memory_follows_allocations_and_frees():
     from fuseformer.bench.harness import _peak_memory_mib
 
