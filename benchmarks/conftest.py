@@ -18,9 +18,9 @@ BASELINES = Path(__file__).parent / "baselines"
 
 def cpu_baselines() -> Path:
     """This CPU model's folder of baselines."""
-    from fuseformer.bench.harness import _cpu_model
+    from fuseformer._info import cpu_model
 
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", " ", _cpu_model().lower())
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", " ", cpu_model().lower())
     return BASELINES / (re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown-cpu")
 
 

@@ -10,6 +10,18 @@ import torch
 from fuseformer import _extension, backends
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor"), else its architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def collect() -> dict[str, Any]:
     from fuseformer import __version__
 
@@ -28,7 +40,7 @@ def collect() -> dict[str, Any]:
         "triton": triton_version,
         "triton_interpret": backends.triton_interpreting(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_gemm_library": backends.cpu_gemm_library(),
         "cpu_output_cache": _cpu_output_cache(),

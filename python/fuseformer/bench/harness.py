@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from fuseformer._info import cpu_model
+
 # Baselines every family names the same way (the table has a column for each); any other
 # implementation whose name does not start with "fuseformer" is a baseline too.
 BASELINES = ("torch eager", "torch.compile")
@@ -218,7 +220,7 @@ def environment(device: str) -> dict[str, Any]:
     facts = collect()
     env = {k: facts[k] for k in ("fuseformer", "python", "torch", "torch_cuda", "triton", "cpu", "cpu_threads")}
     env["device"] = device
-    env["cpu_model"] = _cpu_model()
+    env["cpu_model"] = cpu_model()
     env["device_name"] = torch.cuda.get_device_name(0) if device == "cuda" else f"{env['cpu_model']} ({facts['cpu_threads']} threads)"
     if device == "cuda":
         fields = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
@@ -237,19 +239,6 @@ def environment(device: str) -> dict[str, Any]:
             env["git_commit"] = None
     env["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _nvidia_smi(fields: str) -> list[str] | None:
