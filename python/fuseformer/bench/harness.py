@@ -13,6 +13,7 @@ CPU, the median of repeated wall-clock runs after warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -20,6 +21,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -286,10 +288,26 @@ def _peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """The C++ side's stderr (fd 2) silenced: kineto logs two lines at every profiler start and
+    stop (and one about the absent GPU on a CUDA build), hundreds per benchmark run."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_memory_mib(fn: Callable[[], Any]) -> float | None:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # The call has already run in the timing rounds; an exception still propagates.
+    with _stderr_to_devnull(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:  # the raw events: FunctionEvent folds allocations into the op that made them
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
