@@ -96,6 +96,18 @@ TORCH_LIBRARY(fuseformer, m) {
       "Tensor out, Tensor gates, Tensor cells, bool reverse) -> (Tensor grad_x, Tensor grad_w_ih, Tensor grad_bias, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_w_hr)");
 
+  // ---- loss: F.cross_entropy(F.linear(x, weight, bias), target), chunked (python/fuseformer/ops/loss.py) ----
+  // x (M, C), weight (V, C), bias (V,), one dtype; target int64 (M,): class indices, or
+  // ignore_index (no loss, no gradient). mean: divide by the rows not ignored, else sum.
+  // chunk_rows: rows of logits made at a time (0: chosen). The gradients are taken in the same
+  // pass (each chunk's logits are freed before the next): grad_x (M, C) in x's dtype, empty
+  // unless needs_input_grad; grad_weight (V, C) in weight's dtype and grad_bias (V,) float32,
+  // empty unless needs_weight_grad (grad_bias also unless bias). loss: float32, 0-d.
+  m.def(
+      "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+      "float label_smoothing, bool mean, int chunk_rows, bool needs_input_grad, bool needs_weight_grad) "
+      "-> (Tensor loss, Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
   // ---- quant: weight-only quantized linear, y = x Wᵀ + b (python/fuseformer/ops/quant.py) ----
   // x (M, K) float32/16/bf16; bits 8: qweight int8 (N, K), scales float32 (N, 1), group_size K;
   // bits 4: qweight uint8 (N, K/2) (k even in the low nibble), scales float32 (N, K/group_size),

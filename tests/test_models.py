@@ -62,6 +62,23 @@ def test_gpt_matches_float64_reference():
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_gpt_loss_without_logits_matches_the_reference():
+    # return_logits=False: the fuseformer GPT takes its loss by ops.linear_cross_entropy (the
+    # logits never made); the loss and every gradient, tied head included, as the torch GPT's.
+    ref, ours = _pair(GPT, GPTConfig(**TINY_GPT))
+    idx = torch.randint(0, 256, (3, 40))
+    targets = torch.randint(0, 256, (3, 40))
+    targets[:, :5] = -1  # ignored, as nanoGPT marks padding
+    logits, loss = ours(idx, targets, return_logits=False)
+    logits_ref, loss_ref = ref(idx, targets, return_logits=False)
+    assert logits is None and logits_ref is None
+    torch.testing.assert_close(loss, loss_ref)
+    loss.backward()
+    loss_ref.backward()
+    for (name, p), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("backend", ["torch", "fuseformer"])
 def test_gpt_generate_with_cache_matches_recompute(backend):
     torch.manual_seed(1)

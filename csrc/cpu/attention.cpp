@@ -37,6 +37,7 @@
 #include "../allocate.h"
 #include "gemm.h"
 #include "math.h"
+#include "softmax.h"
 #include "vectorize.h"
 
 namespace fuseformer::cpu {
@@ -93,47 +94,6 @@ FF_VECTORIZE void finish_scores(float* s, int64_t n, int64_t col0, int64_t pos, 
   }
   for (int64_t j = 0; j < std::min(n, vis_lo - col0); ++j) s[j] = kNegInf;
   for (int64_t j = std::max<int64_t>(0, vis_hi - col0); j < n; ++j) s[j] = kNegInf;
-}
-
-// Reductions keep kLanes partial results so the compiler can vectorize them without
-// reassociating float math (which -O3 alone does not allow).
-constexpr int64_t kLanes = 16;
-
-FF_VECTORIZE float row_max(const float* s, int64_t n) {
-  float lanes[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = kNegInf;
-  const int64_t full = n - n % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > s[j + l] ? lanes[l] : s[j + l];
-  }
-  float m = kNegInf;
-  for (int64_t l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
-  for (int64_t j = full; j < n; ++j) m = std::max(m, s[j]);
-  return m;
-}
-
-// s <- exp(scale * s - shift), returns the sum (scale 1: the scores are final already).
-FF_VECTORIZE float exp_shifted_sum(float* s, int64_t n, float scale, float shift) {
-  float lanes[kLanes] = {};
-  const int64_t full = n - n % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      s[j + l] = exp_f32(scale * s[j + l] - shift);
-      lanes[l] += s[j + l];
-    }
-  }
-  float sum = 0.0f;
-  for (int64_t j = full; j < n; ++j) {
-    s[j] = exp_f32(scale * s[j] - shift);
-    sum += s[j];
-  }
-  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
-}
-
-FF_VECTORIZE void scale_row(float* x, int64_t n, float factor) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) x[j] *= factor;
 }
 
 // dS = P (dP - delta) [(1 - t²) with a softcap], in place in dp.

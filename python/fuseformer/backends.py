@@ -71,6 +71,10 @@ DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     # batch 8, and below batch 8 (small-batch loop in inference: 1.1-3.8x); dense float32 LSTMs
     # from batch 8 stay on torch's oneDNN RNN, which they do not beat (ops/lstm.py routes per call).
     "lstm": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
+    # Linear + cross-entropy, chunked (an LM head's loss without its logits): on CUDA the
+    # Triton row kernel between cuBLAS GEMMs (not yet measured on a GPU: bench:loss); on the
+    # CPU the C++ kernel (benchmarks/results/cpu/loss.md).
+    "linear_cross_entropy": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     # Weight-only quantized linear (int8 / int4): on CUDA the Triton GEMM with the
     # dequantization in its main loop, then the C++ CUDA GEMV (neither measured on a GPU yet:
     # bench:quant decides); CPU: the C++ GEMV (benchmarks/results/cpu/quant.md).
@@ -88,6 +92,7 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "conv": ("torch", "triton", "cpu"),
     "lstm": BACKENDS,
     "quant": BACKENDS,
+    "linear_cross_entropy": ("torch", "triton", "cpu"),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("norms", "attention", "linear", "mlp", "conv", "lstm", "quant", "models")
+FAMILIES = ("norms", "attention", "linear", "mlp", "loss", "conv", "lstm", "quant", "models")
 
 
 def family_module(name: str):

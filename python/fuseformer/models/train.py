@@ -35,7 +35,7 @@ def _gpt_run(backend: str, steps: int, device: str, seed: int) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
     for x, y in text_batches(tokens, 16, 128, steps, seed=seed + 1, device=device):
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

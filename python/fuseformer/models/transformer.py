@@ -198,10 +198,13 @@ class GPT(torch.nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, *,
+                return_logits: bool = True):
         """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets``, also the mean
         cross-entropy loss (targets of -1 are ignored). With ``cache``, ``idx`` continues the
-        cached sequence (positions cache.length...), and the cache is advanced."""
+        cached sequence (positions cache.length...), and the cache is advanced.
+        ``return_logits=False`` with targets returns (None, loss): the fuseformer backend then
+        takes the loss without making the logits (ops.linear_cross_entropy)."""
         batch, seq = idx.shape
         start = cache.length if cache is not None else 0
         if start + seq > self.config.block_size:
@@ -214,11 +217,14 @@ class GPT(torch.nn.Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += seq
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits and self.backend == "fuseformer":
+            return None, fuseformer.ops.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1)
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
