@@ -1,4 +1,4 @@
-"""Compile the attention, norm, linear, conv, LSTM and quantization Triton kernels for a GPU target on a machine without a GPU.
+"""Compile the attention, norm, linear, loss, conv, LSTM and quantization Triton kernels for a GPU target on a machine without a GPU.
 
     python benchmarks/compile_triton_aot.py [--arch 90 80] [--all-tiles] [--only norms quant ...] [--jobs N]
 
@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import attention as A  # noqa: E402  (the source tree's kernels)
 from kernels import conv as CV  # noqa: E402
 from kernels import linear as L  # noqa: E402
+from kernels import loss as LO  # noqa: E402
 from kernels import lstm as LS  # noqa: E402
 from kernels import norms as NR  # noqa: E402
 from kernels import quant as Q  # noqa: E402
 
-FAMILIES = ["attention", "decode", "norms", "linear", "conv", "lstm", "quant"]
+FAMILIES = ["attention", "decode", "norms", "linear", "loss", "conv", "lstm", "quant"]
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum): H100, A100
 KERNELS = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}
 FLOAT_ARGS = ("scale", "softcap", "dropout_p")
@@ -103,8 +104,8 @@ def run_job(job, all_tiles: bool) -> tuple[bool, str]:
     and what it printed."""
     family, arch, kind = job
     target = GPUTarget("cuda", arch, 32)
-    compilers = {"decode": compile_decode, "norms": compile_norms, "conv": compile_conv, "lstm": compile_lstm,
-                 "quant": compile_quant}
+    compilers = {"decode": compile_decode, "norms": compile_norms, "loss": compile_loss, "conv": compile_conv,
+                 "lstm": compile_lstm, "quant": compile_quant}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         if family == "attention":
@@ -251,6 +252,32 @@ def compile_norms(target) -> bool:
                             sig[name] = "i32"
                     label = f"{'rms' if rms else 'layer'} {dtype} {'one tile' if single else 'streamed'} {block}"
                     ok &= _compile_one(fn, sig, consts, target, {"num_warps": warps}, label)
+    return ok
+
+
+def compile_loss(target) -> bool:
+    """The cross-entropy row kernel (kernels/loss.py): fp16/bf16/fp32 logits, the largest tile
+    with every option on (gradient, mean, label smoothing) and a small one, the launcher's warps."""
+    ok = True
+    fn = LO._cross_entropy_rows_kernel
+    for dtype in ("fp16", "bf16", "fp32"):
+        for block in (LO.MAX_BLOCK, 1024):
+            consts = dict(MEAN=True, GRAD=True, SMOOTHING=True, BLOCK=block, SOFTWARE_BF16=False)
+            sig = {}
+            for name in inspect.signature(fn.fn).parameters:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name in ("TARGET", "COUNTED"):
+                    sig[name] = "*i64"
+                elif name == "LOSS":
+                    sig[name] = "*fp32"
+                elif name == "Z":
+                    sig[name] = f"*{dtype}"
+                elif name == "smoothing":
+                    sig[name] = "fp32"
+                else:  # strides, sizes, ignore_index
+                    sig[name] = "i32"
+            ok &= _compile_one(fn, sig, consts, target, {"num_warps": LO.num_warps(block)}, f"{dtype} block {block}")
     return ok
 
 

@@ -89,6 +89,10 @@ def _cross_entropy_rows_kernel(
             tl.store(z_row + cols, to_output(g, Z.dtype.element_ty, SOFTWARE_BF16), mask=mask)
 
 
+def num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
 def _chunk_rows(rows: int, vocab: int, itemsize: int) -> int:
     fit = CHUNK_LOGIT_BYTES // (vocab * itemsize)
     return min(rows, max(MIN_CHUNK_ROWS, fit // 64 * 64))
@@ -103,7 +107,7 @@ def cross_entropy_rows_(z: torch.Tensor, target: torch.Tensor, losses: torch.Ten
     _cross_entropy_rows_kernel[(z.shape[0],)](
         z, z.stride(0), target, losses, counted, vocab, ignore_index, label_smoothing,
         MEAN=mean, GRAD=grad, SMOOTHING=label_smoothing > 0, BLOCK=block,
-        SOFTWARE_BF16=software_bf16(), num_warps=8 if block >= 2048 else 4,
+        SOFTWARE_BF16=software_bf16(), num_warps=num_warps(block),
     )
 
 
