@@ -1,9 +1,10 @@
 """``pytest benchmarks/``: the C++ CPU kernels as regression benchmarks (pytest-benchmark).
 
-Each run is compared with the latest run saved for this CPU model, under
-benchmarks/baselines/<cpu-model>/<machine>/ (e.g. amd-epyc/Linux-CPython-3.11-64bit/): CI
-machines are AMD EPYC or Intel Xeon VMs, whose kernels differ by up to 3x (benchmarks/NOTES.md),
-so a run compared with the other kind's baseline would show a regression that is not one. A
+Each run is compared with the latest run saved for this CPU model and vector ISA, under
+benchmarks/baselines/<cpu-model>-<isa>/<machine>/ (e.g. amd-epyc-avx512/Linux-CPython-3.11-64bit/):
+CI machines are AMD EPYC (with and without AVX-512) or Intel Xeon VMs, whose kernels differ by
+up to 3x (benchmarks/NOTES.md), so a run compared with another kind's baseline would show a
+regression that is not one. A
 slowdown shows as a comparison column, not a failure; a CPU model without a baseline is said
 and not compared. Save one with ``pytest benchmarks/ --benchmark-save=baseline``.
 """
@@ -17,11 +18,11 @@ BASELINES = Path(__file__).parent / "baselines"
 
 
 def cpu_baselines() -> Path:
-    """This CPU model's folder of baselines."""
-    from fuseformer._info import cpu_model
+    """This CPU model's (and vector ISA's) folder of baselines."""
+    from fuseformer._info import cpu_model, cpu_vector_isa
 
     name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", " ", cpu_model().lower())
-    return BASELINES / (re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown-cpu")
+    return BASELINES / f"{re.sub(r'[^a-z0-9]+', '-', name).strip('-') or 'unknown-cpu'}-{cpu_vector_isa()}"
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -111,18 +111,9 @@ def cross_entropy_rows_(z: torch.Tensor, target: torch.Tensor, losses: torch.Ten
     )
 
 
-def linear_cross_entropy_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    target: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    mean: bool,
-    chunk_rows: int,
-    needs_input_grad: bool,
-    needs_weight_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                             ignore_index: int, label_smoothing: float, mean: bool, chunk_rows: int,
+                             needs_input_grad: bool, needs_weight_grad: bool):
     """Same contract as the C++ op ``fuseformer::linear_cross_entropy_fwd`` (csrc/registration.cpp)."""
     m = x.shape[0]
     vocab = weight.shape[0]

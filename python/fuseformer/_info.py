@@ -22,6 +22,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vector_isa() -> str:
+    """The widest vector ISA ATen dispatches to here: "avx512", "avx2", or "default" (which
+    code the CPU kernels' vectorized loops run, csrc/cpu/vectorize.h, follows the same split)."""
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
 def collect() -> dict[str, Any]:
     from fuseformer import __version__
 
@@ -41,6 +47,7 @@ def collect() -> dict[str, Any]:
         "triton_interpret": backends.triton_interpreting(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu": cpu_model(),
+        "cpu_vector_isa": cpu_vector_isa(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_gemm_library": backends.cpu_gemm_library(),
         "cpu_output_cache": _cpu_output_cache(),
@@ -77,7 +84,7 @@ def info(print_out: bool = True) -> dict[str, Any]:
         console = Console()
         versions = Table(title="fuseformer", show_header=False)
         for key in ("fuseformer", "python", "torch", "torch_cuda", "triton", "triton_interpret",
-                    "gpu", "cpu", "cpu_threads", "cpu_gemm_library", "cpu_output_cache", "extension", "extension_cuda_kernels", "forced_backend"):
+                    "gpu", "cpu", "cpu_vector_isa", "cpu_threads", "cpu_gemm_library", "cpu_output_cache", "extension", "extension_cuda_kernels", "forced_backend"):
             versions.add_row(key, str(facts[key]))
         console.print(versions)
         table = Table(title="backends")

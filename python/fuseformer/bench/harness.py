@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fuseformer._info import cpu_model
+from fuseformer._info import cpu_model, cpu_vector_isa
 
 # Baselines every family names the same way (the table has a column for each); any other
 # implementation whose name does not start with "fuseformer" is a baseline too.
@@ -223,7 +223,9 @@ def environment(device: str) -> dict[str, Any]:
     env = {k: facts[k] for k in ("fuseformer", "python", "torch", "torch_cuda", "triton", "cpu", "cpu_threads")}
     env["device"] = device
     env["cpu_model"] = cpu_model()
-    env["device_name"] = torch.cuda.get_device_name(0) if device == "cuda" else f"{env['cpu_model']} ({facts['cpu_threads']} threads)"
+    env["cpu_vector_isa"] = cpu_vector_isa()
+    env["device_name"] = (torch.cuda.get_device_name(0) if device == "cuda" else
+                          f"{env['cpu_model']}, {env['cpu_vector_isa'].upper()} ({facts['cpu_threads']} threads)")
     if device == "cuda":
         fields = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
         values = _nvidia_smi(fields)
