@@ -257,12 +257,12 @@ def compile_norms(target) -> bool:
 
 def compile_loss(target) -> bool:
     """The cross-entropy row kernel (kernels/loss.py): fp16/bf16/fp32 logits, the largest tile
-    with every option on (gradient, mean, label smoothing) and a small one, the launcher's warps."""
+    with every option on (gradient, mean, label smoothing, softcap) and a small one, the launcher's warps."""
     ok = True
     fn = LO._cross_entropy_rows_kernel
     for dtype in ("fp16", "bf16", "fp32"):
         for block in (LO.MAX_BLOCK, 1024):
-            consts = dict(MEAN=True, GRAD=True, SMOOTHING=True, BLOCK=block, SOFTWARE_BF16=False)
+            consts = dict(MEAN=True, GRAD=True, SMOOTHING=True, HAS_SOFTCAP=True, BLOCK=block, SOFTWARE_BF16=False)
             sig = {}
             for name in inspect.signature(fn.fn).parameters:
                 if name in consts:
@@ -273,7 +273,7 @@ def compile_loss(target) -> bool:
                     sig[name] = "*fp32"
                 elif name == "Z":
                     sig[name] = f"*{dtype}"
-                elif name == "smoothing":
+                elif name in ("smoothing", "softcap"):
                     sig[name] = "fp32"
                 else:  # strides, sizes, ignore_index
                     sig[name] = "i32"

@@ -99,13 +99,14 @@ TORCH_LIBRARY(fuseformer, m) {
   // ---- loss: F.cross_entropy(F.linear(x, weight, bias), target), chunked (python/fuseformer/ops/loss.py) ----
   // x (M, C), weight (V, C), bias (V,), one dtype; target int64 (M,): class indices, or
   // ignore_index (no loss, no gradient). mean: divide by the rows not ignored, else sum.
+  // softcap > 0: the logits are softcap·tanh(z / softcap) (Gemma 2's final softcapping), 0: none.
   // chunk_rows: rows of logits made at a time (0: chosen). The gradients are taken in the same
   // pass (each chunk's logits are freed before the next): grad_x (M, C) in x's dtype, empty
   // unless needs_input_grad; grad_weight (V, C) in weight's dtype and grad_bias (V,) float32,
   // empty unless needs_weight_grad (grad_bias also unless bias). loss: float32, 0-d.
   m.def(
       "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
-      "float label_smoothing, bool mean, int chunk_rows, bool needs_input_grad, bool needs_weight_grad) "
+      "float label_smoothing, float softcap, bool mean, int chunk_rows, bool needs_input_grad, bool needs_weight_grad) "
       "-> (Tensor loss, Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- quant: weight-only quantized linear, y = x Wᵀ + b (python/fuseformer/ops/quant.py) ----

@@ -37,16 +37,11 @@ import triton.language as tl
 
 from . import autotuning
 from .rounding import software_bf16, to_output
+from .mathfn import tanh as _tanh
 
 LOG2E = 1.4426950408889634
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-
-
-@triton.jit
-def _tanh(x):
-    # tl.math has no tanh that the interpreter runs; this form is exact enough in fp32.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit

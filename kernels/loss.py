@@ -3,7 +3,8 @@ gradients, without the (M, V) logits ever existing whole.
 
 Rows go through in chunks: the chunk's logits z = x_c Wᵀ + b are a cuBLAS GEMM in x's dtype
 (as F.linear's), then ``_cross_entropy_rows_kernel`` (one program per row) takes the online
-log-sum-exp in float32 over tiles of the row, writes the row's loss, and overwrites z with the
+log-sum-exp in float32 over tiles of the row (of softcap·tanh(z/softcap) with a softcap, as
+Gemma 2's head), writes the row's loss, and overwrites z with the
 loss's gradient dz = (softmax(z) - (1 - ε)·onehot(t) - ε/V)·scale in a second pass (the row
 re-read from L2); the chunk's gradients are GEMMs again: dX_c = dz W, dW += dzᵀ x_c. Taking
 the gradients in the forward lets each chunk's logits die before the next chunk's; the backward
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .mathfn import tanh
 from .rounding import software_bf16, to_output
 
 CHUNK_LOGIT_BYTES = 256 << 20
@@ -39,9 +41,11 @@ def _cross_entropy_rows_kernel(
     vocab,
     ignore_index,
     smoothing,
+    softcap,
     MEAN: tl.constexpr,
     GRAD: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
     SOFTWARE_BF16: tl.constexpr,
 ):
@@ -59,6 +63,8 @@ def _cross_entropy_rows_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < vocab
         z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = tl.where(mask, softcap * tanh(z / softcap), float("-inf"))  # tanh(-inf) is -1 here
         m_new = tl.maximum(m, tl.max(z, 0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
         m = m_new
@@ -66,6 +72,8 @@ def _cross_entropy_rows_kernel(
             z_sum += tl.sum(tl.where(mask, z, 0.0), 0)
     lse = m + tl.log(s)
     z_target = tl.load(z_row + target, mask=in_range & ~ignored, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_target = softcap * tanh(z_target / softcap)
     share = smoothing / vocab
     loss = lse - (1.0 - smoothing) * z_target - share * z_sum
     # A target that is neither a class nor ignore_index makes the loss NaN (the op also
@@ -84,8 +92,13 @@ def _cross_entropy_rows_kernel(
             cols = start + tl.arange(0, BLOCK)
             mask = cols < vocab
             z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = tanh(z / softcap)
+                z = softcap * t
             g = (tl.exp(z - lse) - share) * scale
             g = tl.where(cols == target, g - (1.0 - smoothing) * scale, g)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)  # d(c·tanh(z/c))/dz
             tl.store(z_row + cols, to_output(g, Z.dtype.element_ty, SOFTWARE_BF16), mask=mask)
 
 
@@ -99,20 +112,20 @@ def _chunk_rows(rows: int, vocab: int, itemsize: int) -> int:
 
 
 def cross_entropy_rows_(z: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, counted: torch.Tensor,
-                        ignore_index: int, label_smoothing: float, mean: bool, grad: bool) -> None:
+                        ignore_index: int, label_smoothing: float, softcap: float, mean: bool, grad: bool) -> None:
     """The row kernel on logits z (rows, V): losses (rows,) written, z overwritten by the
     gradient when ``grad``."""
     vocab = z.shape[1]
     block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
     _cross_entropy_rows_kernel[(z.shape[0],)](
-        z, z.stride(0), target, losses, counted, vocab, ignore_index, label_smoothing,
-        MEAN=mean, GRAD=grad, SMOOTHING=label_smoothing > 0, BLOCK=block,
+        z, z.stride(0), target, losses, counted, vocab, ignore_index, label_smoothing, softcap or 1.0,
+        MEAN=mean, GRAD=grad, SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap > 0, BLOCK=block,
         SOFTWARE_BF16=software_bf16(), num_warps=num_warps(block),
     )
 
 
 def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                             ignore_index: int, label_smoothing: float, mean: bool, chunk_rows: int,
+                             ignore_index: int, label_smoothing: float, softcap: float, mean: bool, chunk_rows: int,
                              needs_input_grad: bool, needs_weight_grad: bool):
     """Same contract as the C++ op ``fuseformer::linear_cross_entropy_fwd`` (csrc/registration.cpp)."""
     m = x.shape[0]
@@ -132,7 +145,7 @@ def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         xc = x[r0:r0 + rows]
         z = torch.addmm(bias, xc, weight.t()) if bias is not None else torch.mm(xc, weight.t())
         cross_entropy_rows_(z, target[r0:r0 + rows], losses[r0:r0 + rows], counted, ignore_index,
-                            label_smoothing, mean, grad)
+                            label_smoothing, softcap, mean, grad)
         if needs_input_grad:
             torch.mm(z, weight, out=grad_x[r0:r0 + rows])
         if needs_weight_grad:

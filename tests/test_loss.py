@@ -1,6 +1,6 @@
 """linear_cross_entropy: every backend available here against the float64 PyTorch reference
 (F.cross_entropy of F.linear), the loss and every gradient under a random upstream gradient,
-on awkward shapes, chunkings, ignored targets, label smoothing and both reductions; the module;
+on awkward shapes, chunkings, ignored targets, label smoothing, softcaps and both reductions; the module;
 compile, autocast, opcheck; the logits never held whole; bad input."""
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ SHAPES = [
     ((33, 16), 1000, 1),
     ((65, 48), 96, 200),
 ]
-# (bias, label_smoothing, ignored fraction, reduction)
+# (bias, ignored fraction, keyword arguments)
 OPTIONS = [
-    (True, 0.0, 0.0, "mean"),
-    (False, 0.1, 0.3, "mean"),
-    (True, 0.0, 0.3, "sum"),
+    (True, 0.0, {}),
+    (False, 0.3, {"label_smoothing": 0.1}),
+    (True, 0.3, {"reduction": "sum"}),
+    (False, 0.1, {"softcap": 2.0, "label_smoothing": 0.05}),  # a cap the O(1-3) logits feel
 ]
 
 
@@ -51,8 +52,11 @@ def make_inputs(x_shape, vocab, dtype, device, bias, ignored, ignore_index=-100)
     return x, w, b, target
 
 
-def reference(x, w, b, target, **kw):
-    return F.cross_entropy(F.linear(x, w, b).reshape(-1, w.shape[0]), target.reshape(-1), **kw)
+def reference(x, w, b, target, softcap=None, **kw):
+    logits = F.linear(x, w, b)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.reshape(-1, w.shape[0]), target.reshape(-1), **kw)
 
 
 def check_against_reference(backend, x, w, b, target, chunk_rows=None, **kw):
@@ -89,9 +93,9 @@ def reference_cases():
 @pytest.mark.parametrize("backend,device,dtype,shape,options", reference_cases())
 def test_matches_reference(poison_outputs, backend, device, dtype, shape, options):
     x_shape, vocab, chunk_rows = shape
-    bias, smoothing, ignored, reduction = options
+    bias, ignored, kwargs = options
     x, w, b, target = make_inputs(x_shape, vocab, dtype, device, bias, ignored)
-    check_against_reference(backend, x, w, b, target, chunk_rows, label_smoothing=smoothing, reduction=reduction)
+    check_against_reference(backend, x, w, b, target, chunk_rows, **kwargs)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=IDS)
@@ -111,6 +115,7 @@ def test_vocab_over_many_tiles(monkeypatch, backend, device):
     monkeypatch.setattr(triton_loss, "MAX_BLOCK", 64)
     x, w, b, target = make_inputs((9, 16), 1000, torch.float32, device, True, 0.2)
     check_against_reference(backend, x, w, b, target, 4, label_smoothing=0.2)
+    check_against_reference(backend, x, w, b, target, 4, softcap=1.5)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=IDS)
@@ -167,7 +172,7 @@ def test_opcheck(backend, device):
         for t in (w, b):
             if t is not None:
                 t.requires_grad_(needs[1])
-        torch.library.opcheck(_op(backend), (x, w, b, target, -100, 0.1, mean, 3, *needs))
+        torch.library.opcheck(_op(backend), (x, w, b, target, -100, 0.1, 3.0 if bias else 0.0, mean, 3, *needs))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=IDS)
@@ -222,11 +227,12 @@ def test_cpu_logits_never_exist_whole():
 
 def test_module_matches_the_function_and_has_no_state():
     x, w, b, target = make_inputs((4, 16), 30, torch.float32, "cpu", True, 0.0)
-    loss_fn = fuseformer.nn.LinearCrossEntropyLoss(ignore_index=-1, label_smoothing=0.05, reduction="sum")
+    loss_fn = fuseformer.nn.LinearCrossEntropyLoss(ignore_index=-1, label_smoothing=0.05, reduction="sum",
+                                                   softcap=30.0)
     assert loss_fn.state_dict() == {} and "label_smoothing=0.05" in repr(loss_fn)
     torch.testing.assert_close(
         loss_fn(x, w, target, b),
-        reference(x, w, b, target, ignore_index=-1, label_smoothing=0.05, reduction="sum"),
+        reference(x, w, b, target, ignore_index=-1, label_smoothing=0.05, reduction="sum", softcap=30.0),
     )
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
         fuseformer.nn.LinearCrossEntropyLoss(reduction="none")
@@ -250,6 +256,8 @@ BAD_INPUT = [
     (lambda: _lce(_x, _w, _t, reduction="none"), ValueError, "per-token loss cannot be back-propagated"),
     (lambda: _lce(_x, _w, _t, label_smoothing=1.5), ValueError, r"label_smoothing must be a float in \[0, 1\]"),
     (lambda: _lce(_x, _w, _t, chunk_rows=0), ValueError, "chunk_rows must be a positive int"),
+    (lambda: _lce(_x, _w, _t, softcap=0.0), ValueError, "softcap must be a positive float or None"),
+    (lambda: _lce(_x, _w, _t, softcap="30"), ValueError, "softcap must be a positive float or None"),
     (lambda: _lce(_x, _w, _t, ignore_index=0.5), TypeError, "ignore_index must be an int"),
     (lambda: _lce(_x, _w.to("meta"), _t), ValueError, "weight is on meta but x is on cpu"),
     (lambda: _lce([1.0], _w, _t), TypeError, "x must be a torch.Tensor"),
@@ -267,5 +275,5 @@ def test_bad_input_is_a_clear_error(make_call, error, match, backend):
 def test_cpp_kernel_checks_targets_itself():
     # Called directly (no Python checks in front), the kernel still refuses to index out of range.
     with pytest.raises(IndexError, match=r"target\[1\] = 7 is not a class index in \[0, 5\)"):
-        torch.ops.fuseformer.linear_cross_entropy_fwd(_x, _w, None, torch.tensor([0, 7, 1]), -100, 0.0, True, 0,
+        torch.ops.fuseformer.linear_cross_entropy_fwd(_x, _w, None, torch.tensor([0, 7, 1]), -100, 0.0, 0.0, True, 0,
                                                       False, False)

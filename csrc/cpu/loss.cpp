@@ -10,6 +10,9 @@
 // backward only scales them by the upstream gradient (python/fuseformer/ops/loss.py). Eager
 // PyTorch keeps the (M, V) logits, their log-softmax and, in the backward, their gradient.
 //
+// A softcap (Gemma 2's head: logits c·tanh(z/c)) is applied in the row pass, its derivative
+// 1 - tanh² kept in a row buffer for the gradient.
+//
 // Half inputs: the GEMMs run in x's dtype (as F.linear's do), the row pass in float32, the
 // weight gradient accumulates over the chunks in float32.
 #include <ATen/ATen.h>
@@ -24,7 +27,9 @@
 
 #include "../allocate.h"
 #include "gemm.h"
+#include "math.h"
 #include "softmax.h"
+#include "vectorize.h"
 
 namespace fuseformer::cpu {
 namespace {
@@ -46,17 +51,35 @@ struct RowOptions {
   int64_t vocab;
   int64_t ignore_index;
   float smoothing;
-  float scale;  // of the gradient
+  float softcap;  // 0: none
+  float scale;    // of the gradient
   bool grad;
 };
 
+// z <- c·tanh(z / c), t <- tanh(z / c) (the backward's 1 - t²).
+FF_VECTORIZE void softcap_row(float* __restrict z, float* __restrict t, int64_t n, float cap) {
+  const float inv_cap = 1.0f / cap;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    t[j] = tanh_f32(z[j] * inv_cap);
+    z[j] = cap * t[j];
+  }
+}
+
+// dz <- dz' · (1 - t²): the gradient through the softcap.
+FF_VECTORIZE void softcap_grad_row(float* __restrict g, const float* __restrict t, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) g[j] *= 1.0f - t[j] * t[j];
+}
+
 // One row of float32 logits, in place: returns the row's loss; z receives its gradient when
-// o.grad. Ignored rows have loss and gradient 0.
-float cross_entropy_row(float* z, int64_t target, const RowOptions& o) {
+// o.grad. Ignored rows have loss and gradient 0. tanh_buffer: V floats when o.softcap > 0.
+float cross_entropy_row(float* z, int64_t target, const RowOptions& o, float* tanh_buffer) {
   if (target == o.ignore_index) {
     if (o.grad) std::fill(z, z + o.vocab, 0.0f);
     return 0.0f;
   }
+  if (o.softcap > 0) softcap_row(z, tanh_buffer, o.vocab, o.softcap);
   const float z_target = z[target];
   // Label smoothing's loss adds ε/V·Σ_j (lse - z_j): it needs Σ_j z_j before z is overwritten.
   const float z_sum = o.smoothing > 0 ? row_sum(z, o.vocab) : 0.0f;
@@ -67,6 +90,7 @@ float cross_entropy_row(float* z, int64_t target, const RowOptions& o) {
   if (o.grad) {
     affine_row(z, o.vocab, o.scale / sum, -smooth_share * o.scale);
     z[target] -= (1.0f - o.smoothing) * o.scale;
+    if (o.softcap > 0) softcap_grad_row(z, tanh_buffer, o.vocab);
   }
   return lse - (1.0f - o.smoothing) * z_target - smooth_share * z_sum;
 }
@@ -77,7 +101,10 @@ void cross_entropy_rows(at::Tensor& z, const int64_t* targets, float* losses, co
   if (z.scalar_type() == at::kFloat) {
     float* base = z.data_ptr<float>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) losses[r] = cross_entropy_row(base + r * o.vocab, targets[r], o);
+      std::vector<float> tanh_buffer(o.softcap > 0 ? o.vocab : 0);
+      for (int64_t r = begin; r < end; ++r) {
+        losses[r] = cross_entropy_row(base + r * o.vocab, targets[r], o, tanh_buffer.data());
+      }
     });
     return;
   }
@@ -85,11 +112,11 @@ void cross_entropy_rows(at::Tensor& z, const int64_t* targets, float* losses, co
   AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "linear_cross_entropy", [&] {
     scalar_t* base = z.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(o.vocab);
+      std::vector<float> buffer(o.vocab), tanh_buffer(o.softcap > 0 ? o.vocab : 0);
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* row = base + r * o.vocab;
         std::copy(row, row + o.vocab, buffer.begin());
-        losses[r] = cross_entropy_row(buffer.data(), targets[r], o);
+        losses[r] = cross_entropy_row(buffer.data(), targets[r], o, tanh_buffer.data());
         if (o.grad) std::copy(buffer.begin(), buffer.end(), row);
       }
     });
@@ -110,8 +137,9 @@ int64_t count_targets(const at::Tensor& target, int64_t vocab, int64_t ignore_in
 }
 
 Tensor4 linear_cross_entropy_fwd(const at::Tensor& x_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& target_, int64_t ignore_index, double label_smoothing, bool mean,
-                                 int64_t chunk_rows, bool needs_input_grad, bool needs_weight_grad) {
+                                 const at::Tensor& target_, int64_t ignore_index, double label_smoothing,
+                                 double softcap, bool mean, int64_t chunk_rows, bool needs_input_grad,
+                                 bool needs_weight_grad) {
   const auto dtype = x_.scalar_type();
   TORCH_CHECK(x_.dim() == 2, "fuseformer linear_cross_entropy: x must be 2-D (M, C), got ", x_.dim(), " dimensions");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -130,7 +158,8 @@ Tensor4 linear_cross_entropy_fwd(const at::Tensor& x_, const at::Tensor& weight,
   const at::Tensor target = target_.contiguous();
   const int64_t counted = count_targets(target, vocab, ignore_index);
   const bool grad = needs_input_grad || needs_weight_grad;
-  const RowOptions o{vocab, ignore_index, static_cast<float>(label_smoothing),
+  TORCH_CHECK(softcap >= 0, "fuseformer linear_cross_entropy: softcap must be >= 0 (0: none), got ", softcap);
+  const RowOptions o{vocab, ignore_index, static_cast<float>(label_smoothing), static_cast<float>(softcap),
                      mean ? 1.0f / static_cast<float>(counted) : 1.0f, grad};
 
   const int64_t rows = chunk_rows > 0 ? std::min(chunk_rows, m) : auto_chunk_rows(m, vocab);

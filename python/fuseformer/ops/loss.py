@@ -2,9 +2,11 @@
 
 Public function:
   linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
-                       reduction="mean", chunk_rows=None)
-      = F.cross_entropy(F.linear(x, weight, bias).flatten(0, -2), target.flatten(),
-                        ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+                       reduction="mean", softcap=None, chunk_rows=None)
+      = F.cross_entropy(z.flatten(0, -2), target.flatten(), ignore_index=ignore_index,
+                        label_smoothing=label_smoothing, reduction=reduction)
+        with z = F.linear(x, weight, bias), or softcap·tanh(z / softcap) with a softcap (Gemma 2's
+        final logit softcapping)
 
 x (..., C), weight (V, C), bias (V,), one floating dtype (float64 runs on the "torch" backend);
 target (...) integer class indices in [0, V) or ``ignore_index``, x's leading shape. The loss
@@ -49,6 +51,7 @@ def _triton_linear_cross_entropy_fwd(
     target: Tensor,
     ignore_index: int,
     label_smoothing: float,
+    softcap: float,
     mean: bool,
     chunk_rows: int,
     needs_input_grad: bool,
@@ -56,15 +59,15 @@ def _triton_linear_cross_entropy_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fuseformer.kernels import loss as triton_loss
 
-    return triton_loss.linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smoothing, mean,
-                                                chunk_rows, needs_input_grad, needs_weight_grad)
+    return triton_loss.linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smoothing, softcap,
+                                                mean, chunk_rows, needs_input_grad, needs_weight_grad)
 
 
 # ---- fake implementation and autograd, shared by the C++ and Triton ops -------------------
 
 
-def _fwd_fake(x, weight, bias, target, ignore_index, label_smoothing, mean, chunk_rows, needs_input_grad,
-              needs_weight_grad):
+def _fwd_fake(x, weight, bias, target, ignore_index, label_smoothing, softcap, mean, chunk_rows,
+              needs_input_grad, needs_weight_grad):
     loss = x.new_empty((), dtype=torch.float32)
     grad_x = x.new_empty(x.shape if needs_input_grad else 0)
     grad_w = weight.new_empty(weight.shape if needs_weight_grad else 0)
@@ -85,14 +88,14 @@ def _backward(ctx, grad_loss, _grad_x, _grad_w, _grad_b):
     grad_x, grad_w, grad_b = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     # The forward took the gradients of the loss itself; the chain rule scales them.
     g = grad_loss.float()
     return (
         (grad_x * g).to(grad_x.dtype) if needs[0] else None,
         (grad_w * g).to(grad_w.dtype) if needs[1] else None,
         (grad_b * g).to(ctx.bias_dtype) if needs[2] and ctx.bias_dtype is not None else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
@@ -111,7 +114,7 @@ if _extension.loaded():
 _OP = "fuseformer.ops.linear_cross_entropy"
 
 
-def _check_args(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_rows) -> None:
+def _check_args(x, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, chunk_rows) -> None:
     _checks.tensor(x, "x", _OP)
     _checks.float_dtype(x, "x", _OP, allowed=(*_checks.FLOAT_DTYPES, torch.float64))
     if x.dim() < 1:
@@ -154,13 +157,17 @@ def _check_args(x, weight, target, bias, ignore_index, label_smoothing, reductio
         extra = (" (the gradients are summed over the tokens in the forward, so a per-token loss cannot be "
                  "back-propagated; use F.cross_entropy for it)") if reduction == "none" else ""
         raise ValueError(f"{_OP}: reduction must be 'mean' or 'sum', got {reduction!r}{extra}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap > 0):
+        raise ValueError(f"{_OP}: softcap must be a positive float or None, got {softcap!r}")
     if chunk_rows is not None and (type(chunk_rows) is not int or chunk_rows < 1):
         raise ValueError(f"{_OP}: chunk_rows must be a positive int or None, got {chunk_rows!r}")
 
 
-def _torch_linear_cross_entropy(x, weight, target, bias, ignore_index, label_smoothing, reduction):
+def _torch_linear_cross_entropy(x, weight, target, bias, ignore_index, label_smoothing, reduction, softcap=None):
     """The "torch" backend: PyTorch's own ops (also the reference the tests use)."""
     logits = F.linear(x, weight, bias)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits.reshape(-1, weight.shape[0]), target.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction, label_smoothing=label_smoothing)
 
@@ -174,6 +181,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    softcap: float | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(x, weight, bias), target, ...)`` over x's leading dimensions,
@@ -183,7 +191,7 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
-    _check_args(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_rows)
+    _check_args(x, weight, target, bias, ignore_index, label_smoothing, reduction, softcap, chunk_rows)
     vocab = weight.shape[0]
     # Targets index the logits' rows: out-of-range values would read outside them.
     _checks.values_hold(
@@ -194,14 +202,14 @@ def linear_cross_entropy(
     backend = backends.resolve("linear_cross_entropy", x.device)
     if backend == "torch" or x.numel() == 0:
         # Empty inputs have nothing to fuse: PyTorch's ops give their exact semantics.
-        return _torch_linear_cross_entropy(x, weight, target, bias, ignore_index, label_smoothing, reduction)
+        return _torch_linear_cross_entropy(x, weight, target, bias, ignore_index, label_smoothing, reduction, softcap)
     if x.dtype is torch.float64:
         if backends.forced_backend() is not None:
             raise TypeError(
                 f"{_OP}: the {backend!r} backend takes float32, float16 or bfloat16 input, got float64 "
                 '(float64 runs on the "torch" backend)'
             )
-        return _torch_linear_cross_entropy(x, weight, target, bias, ignore_index, label_smoothing, reduction)
+        return _torch_linear_cross_entropy(x, weight, target, bias, ignore_index, label_smoothing, reduction, softcap)
     grad_on = torch.is_grad_enabled()
     needs_input_grad = grad_on and x.requires_grad
     needs_weight_grad = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -209,7 +217,7 @@ def linear_cross_entropy(
           else torch.ops.fuseformer.linear_cross_entropy_fwd)
     loss, *_grads = op.default(
         x.reshape(-1, x.shape[-1]), weight, bias, target.reshape(-1).long(), ignore_index, float(label_smoothing),
-        reduction == "mean", chunk_rows or 0, needs_input_grad, needs_weight_grad,
+        float(softcap or 0.0), reduction == "mean", chunk_rows or 0, needs_input_grad, needs_weight_grad,
     )
     # F.cross_entropy's dtype: its input's, or float32 under autocast (which runs it in float32).
     return loss if autocast else loss.to(x.dtype)
