@@ -29,7 +29,9 @@ constexpr int64_t kSmallRowsMax = 7;
 // wheels, takes its fast kernels on Intel CPUs only: on the AMD EPYC of most of our machines it
 // runs AVX2 code and oneDNN measured 1.5-2x faster there; on an Intel Xeon (AVX-512) MKL is as
 // fast or faster: the weight gradients 1.3-3.4x, attention's 256x64x512 tiles 1.2x
-// (benchmarks/NOTES.md, 2026-12-02). So kAten on Intel CPUs when torch has MKL, else kOneDnn.
+// (benchmarks/NOTES.md, 2026-12-02). On an AVX2-only AMD EPYC (Zen 3) both libraries run AVX2
+// code and MKL is the faster: weight gradients 1.4-1.9x, the tiles 1.15-1.25x (2026-12-08). So
+// kAten on Intel CPUs and on CPUs without AVX-512 when torch has MKL, else kOneDnn.
 // FUSEFORMER_CPU_GEMM=onednn or aten overrides it (read once per process).
 enum class GemmLibrary { kOneDnn, kAten };
 GemmLibrary vendor_gemm_library();    // this CPU's choice (cpuid), without the override
@@ -66,14 +68,20 @@ class PackedLinear {
   // weight across calls (csrc/cpu/weight_cache.h: an in-place update such as an optimizer step
   // repacks it); for weights that persist (parameters).
   PackedLinear(const at::Tensor& weight, int64_t rows, bool cached = false) : weight_(weight) {
-    if (usable(weight, rows)) packed_ = cacheable(weight, cached) ? cached_pack(weight, rows, false) : pack(weight, rows);
+    if (usable(weight, rows) && !aten_is_faster(rows)) {
+      packed_ = cacheable(weight, cached) ? cached_pack(weight, rows, false) : pack(weight, rows);
+    }
   }
+
+  // From this many rows ATen's MKL GEMM beats oneDNN's packed one where both run AVX2 code
+  // (AVX2-only AMD EPYC, 2 threads: 256 rows 0.90x, 1024 1.14x, 2048 1.18x; benchmarks/NOTES.md).
+  static constexpr int64_t kAtenFromRows = 512;
 
   // x · weight instead of x · weightᵀ (backward GEMMs: dX = dZ · W), with weightᵀ packed (and
   // cached like the forward's, under the same weight's identity).
   static PackedLinear transposed(const at::Tensor& weight, int64_t rows, bool cached = false) {
     PackedLinear linear(weight.t(), rows, false, /*pack_now=*/false);
-    if (usable(weight, rows)) {
+    if (usable(weight, rows) && !aten_is_faster(rows)) {
       linear.packed_ = cacheable(weight, cached) ? cached_pack(weight, rows, true) : pack(weight.t(), rows);
     }
     return linear;
@@ -230,6 +238,10 @@ class PackedLinear {
   // Whether a bᵀ (a (M, K), b (N, K)) made per call goes to oneDNN's linear.
   static bool dnnl_linear(const at::Tensor& a, const at::Tensor& b) {
     return dnnl_product(a, b, a.size(0) * a.size(1) * b.size(0)) && usable(b, a.size(0));
+  }
+
+  static bool aten_is_faster(int64_t rows) {
+    return rows >= kAtenFromRows && !has_avx512() && per_call_gemm_library() == GemmLibrary::kAten;
   }
 
   static bool usable(const at::Tensor& weight, int64_t rows) {

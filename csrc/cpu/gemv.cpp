@@ -128,7 +128,7 @@ bool cpu_is_intel() {
 }
 
 GemmLibrary vendor_gemm_library() {
-  return cpu_is_intel() && at::hasMKL() ? GemmLibrary::kAten : GemmLibrary::kOneDnn;
+  return (cpu_is_intel() || !has_avx512()) && at::hasMKL() ? GemmLibrary::kAten : GemmLibrary::kOneDnn;
 }
 
 GemmLibrary per_call_gemm_library() {

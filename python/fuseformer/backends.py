@@ -101,8 +101,9 @@ _VENDOR_CPU_GEMM = _extension.vendor_cpu_gemm_library()
 
 
 def cpu_gemm_library() -> str:
-    """Where the C++ CPU kernels' per-call GEMMs run: "aten" (MKL) on Intel CPUs when torch has
-    MKL, else "onednn"; FUSEFORMER_CPU_GEMM overrides it. The vendor's choice is the
+    """Where the C++ CPU kernels' per-call GEMMs run: "aten" (MKL) on Intel CPUs and on CPUs
+    without AVX-512 when torch has MKL, else "onednn" (AMD EPYCs with AVX-512, where oneDNN's
+    AVX-512 kernels beat MKL's AVX2 path); FUSEFORMER_CPU_GEMM overrides it. The vendor's choice is the
     extension's (csrc/cpu/gemm.h per_call_gemm_library(), which the kernels follow)."""
     forced = os.environ.get("FUSEFORMER_CPU_GEMM", "auto")
     if forced in ("onednn", "aten"):
