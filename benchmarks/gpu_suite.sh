@@ -8,7 +8,7 @@
 # under 10 minutes and can be run alone; "test:<name>" runs tests/test_<name>.py alone (when
 # the whole suite's first-time Triton compiles would not fit one call), "bench" runs every
 # benchmark family, each under its own 10-minute limit, and "bench:<family>" (bench:norms,
-# bench:attention, bench:linear, bench:mlp, bench:conv, bench:lstm, bench:quant, bench:models) one of them. Results go to DIR (default
+# bench:attention, bench:linear, bench:mlp, bench:loss, bench:conv, bench:lstm, bench:quant, bench:models) one of them. Results go to DIR (default
 # benchmarks/results/<gpu-name>/): build.log, info.txt, tests[-<name>].log, per benchmark family
 # <family>.json / .md / .png, and report.md / report.html / roofline.png over all of them.
 # Commit them with the versions they record, then regenerate the README's table:
@@ -80,7 +80,7 @@ if [ "${stages[*]}" = "lease" ]; then
   # timeout's SIGTERM makes bench write the cases it finished (-k: killed 10 s later if stuck).
   (cd /tmp && timeout -k 10 $(( $(left) - 20 )) $PY -m fuseformer.cli bench --quick --out "$work/quick") || status=1
   # Full-size benchmarks, the ones the issues' targets are judged on first.
-  for family in attention linear quant models norms mlp lstm conv; do
+  for family in attention linear quant models norms mlp lstm conv loss; do
     [ "$(left)" -lt 90 ] && { echo "gpu_suite: no time left for bench:$family and after"; break; }
     (cd /tmp && timeout -k 10 $(( $(left) - 20 )) $PY -m fuseformer.cli bench "$family" --out "$work") || status=1
   done

@@ -1,6 +1,6 @@
 """Benchmark cases for the LM head's loss: ``linear_cross_entropy`` (the logits never made
-whole) against PyTorch eager (F.linear, then F.cross_entropy), torch.compile of the same, and
-the GEMMs alone (the ceiling: the softmax's passes over the logits should cost nothing).
+whole) against PyTorch eager (F.linear, then F.cross_entropy), torch.compile of the same,
+Liger-Kernel's fused linear cross-entropy (GPU, when installed), and the GEMMs alone (the ceiling: the softmax's passes over the logits should cost nothing).
 
 Shapes (tokens, hidden, vocab): GPT-2 small's head (768 -> 50257), Llama-3-8B's (4096 -> 128256)
 and a 32k vocabulary on a GPU; smaller heads on the CPU. FLOPs: 2·M·V·C for the logits, twice
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fuseformer
 from fuseformer import backends
-from fuseformer.bench.harness import CEILING_PREFIX, Case
+from fuseformer.bench.harness import CEILING_PREFIX, Case, missing_cuda_peer
 
 FAMILY = "loss"
 
@@ -45,6 +45,17 @@ def _ours(backend: str):
         with fuseformer.use_backend(backend):
             return fuseformer.ops.linear_cross_entropy(x, w, target)
     return run
+
+
+def _liger():
+    """Liger-Kernel's fused linear cross-entropy (its chunked Triton kernel), or None when not
+    installed; its forward takes (weight, x, target)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda x, w, target: loss(w, x, target)
 
 
 def _gemms_only(direction: str):
@@ -88,8 +99,16 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
             # Ideal traffic: x and the weight read (the backward: dx and dW written too); no logits.
             bytes_ = (m * c + v * c) * elt * (2 if grad else 1) + m * 8
             impls = {f"fuseformer[{b}]": timed(_ours(b), tensors, direction) for b in _kernel_backends(device)}
+            liger = _liger() if device == "cuda" and grad else None  # Liger's is a training loss
+            if liger is not None:
+                impls["liger-kernel"] = timed(liger, tensors, direction)
             impls["torch eager"] = timed(_eager, tensors, direction)
             impls["torch.compile"] = timed(torch.compile(_eager, dynamic=False), tensors, direction)
             gemm_name = "cuBLAS" if device == "cuda" else "ATen"
             impls[f"{CEILING_PREFIX}{gemm_name} GEMMs only"] = timed(_gemms_only(direction), tensors, direction)
             yield Case(FAMILY, "linear_cross_entropy", direction, (m, c, v), dtype, impls, bytes=bytes_, flops=flops)
+
+
+def missing_baselines(device: str) -> dict[str, str]:
+    """Peer libraries this family compares against when installed, and why each is absent."""
+    return missing_cuda_peer("liger_kernel", "liger-kernel", device)
