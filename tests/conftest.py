@@ -3,8 +3,16 @@ Triton kernel is defined), give every test its own seed, and stop starting tests
 deadline (FUSEFORMER_TEST_DEADLINE)."""
 
 import os
+import sys
 import time
 import zlib
+
+# `python -m pytest` from the checkout puts its root on sys.path, where kernels/ (the Triton
+# sources, installed as fuseformer.kernels) shadows Hugging Face's `kernels` package, which
+# transformers imports when it is installed (a dependency of recent transformers). The tests
+# run the installed fuseformer, so the root leaves the path before anything imports it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 import pytest
 import torch
